@@ -1,0 +1,37 @@
+"""The Flask application: thin HTTP entry points over ``shared``."""
+
+from __future__ import annotations
+
+import uuid
+
+from flask import Flask, Response, g, request
+
+from api.errors import register_error_handlers
+from shared.config import get_settings
+
+REQUEST_ID_MAX = 128
+
+
+def create_app() -> Flask:
+    settings = get_settings()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+
+    @app.before_request
+    def _request_id() -> None:
+        incoming = request.headers.get("X-Request-Id", "")
+        valid = 0 < len(incoming) <= REQUEST_ID_MAX and incoming.isascii() and incoming.isprintable()
+        g.request_id = incoming if valid else uuid.uuid4().hex
+
+    @app.after_request
+    def _echo_request_id(response: Response) -> Response:
+        response.headers["X-Request-Id"] = g.get("request_id", "")
+        return response
+
+    from api import health, refunds
+
+    app.register_blueprint(refunds.bp)
+    app.register_blueprint(health.bp)
+    register_error_handlers(app)
+    return app

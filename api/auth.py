@@ -1,0 +1,110 @@
+"""Bearer JWT authentication and scopes (SPEC 3.5)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import jwt
+from flask import g, request
+
+from api.errors import ApiError
+from shared.config import Settings, get_settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+LEEWAY_SECONDS = 30
+
+
+@dataclass(frozen=True)
+class Caller:
+    subject: str
+    scopes: frozenset[str]
+
+
+def _unauthorized(message: str) -> ApiError:
+    return ApiError(
+        401,
+        message,
+        headers={"WWW-Authenticate": 'Bearer realm="refunds", error="invalid_token"'},
+    )
+
+
+@functools.cache
+def _jwks_client(url: str) -> jwt.PyJWKClient:
+    return jwt.PyJWKClient(url, cache_keys=True, lifespan=300, timeout=5)
+
+
+def _verification_key(token: str, settings: Settings) -> tuple[Any, str]:
+    try:
+        alg = jwt.get_unverified_header(token).get("alg")
+    except jwt.PyJWTError as exc:
+        raise _unauthorized("The bearer token is not a well-formed JWT.") from exc
+    if alg == "HS256" and settings.jwt_secret:
+        return settings.jwt_secret, alg
+    if alg == "RS256" and settings.jwt_jwks_url:
+        try:
+            return _jwks_client(settings.jwt_jwks_url).get_signing_key_from_jwt(token).key, alg
+        except jwt.PyJWKClientError as exc:
+            raise _unauthorized("The token's signing key is not one this service trusts.") from exc
+    raise _unauthorized("The token's signing algorithm is not accepted.")
+
+
+def _scopes(claims: dict[str, Any]) -> frozenset[str]:
+    found: set[str] = set()
+    for name in ("scope", "scp", "scopes"):
+        value = claims.get(name)
+        if isinstance(value, str):
+            found.update(value.split())
+        elif isinstance(value, list):
+            found.update(v for v in value if isinstance(v, str))
+    return frozenset(found)
+
+
+def authenticate(header: str | None, settings: Settings) -> Caller:
+    if not header:
+        raise _unauthorized("Send 'Authorization: Bearer <token>'.")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise _unauthorized("Send 'Authorization: Bearer <token>'.")
+    token = token.strip()
+    key, alg = _verification_key(token, settings)
+    try:
+        claims = jwt.decode(
+            token,
+            key,
+            algorithms=[alg],
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+            leeway=LEEWAY_SECONDS,
+            options={"require": ["exp", "sub"], "verify_aud": settings.jwt_audience is not None},
+        )
+    except jwt.ExpiredSignatureError as exc:
+        raise _unauthorized("The token has expired; get a new one.") from exc
+    except jwt.PyJWTError as exc:
+        raise _unauthorized(f"The token was rejected: {exc}.") from exc
+    subject = claims.get("sub")
+    if not isinstance(subject, str) or not subject or len(subject) > 255:
+        raise _unauthorized("The token's 'sub' claim must name the caller.")
+    return Caller(subject=subject, scopes=_scopes(claims))
+
+
+def require_scope(kind: str) -> Callable[[F], F]:
+    """Decorate a view: 401 without a valid token, 403 without the ``kind`` scope."""
+
+    def decorator(view: F) -> F:
+        @functools.wraps(view)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            settings = get_settings()
+            caller = authenticate(request.headers.get("Authorization"), settings)
+            needed = settings.refunds_write_scope if kind == "write" else settings.refunds_read_scope
+            if needed not in caller.scopes:
+                raise ApiError(403, f"The token lacks the '{needed}' scope this endpoint needs.")
+            g.caller = caller
+            return view(*args, **kwargs)
+
+        return wrapped  # type: ignore[return-value]
+
+    return decorator

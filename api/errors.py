@@ -1,0 +1,86 @@
+"""The HTTP edge of the exception tree: every error is ``{"error", "message"}`` JSON."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, g, jsonify
+from werkzeug.exceptions import HTTPException
+
+from shared import errors as domain
+
+log = logging.getLogger(__name__)
+
+DOMAIN_STATUS: dict[type[domain.RefundServiceError], int] = {
+    domain.NotFound: 404,
+    domain.PaymentNotSucceeded: 412,
+    domain.ChargeDisputed: 409,
+    domain.AlreadyRefunded: 409,
+    domain.AmountExceedsRefundable: 422,
+    domain.IdempotencyKeyReused: 422,
+}
+
+HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "too_many_requests",
+    500: "internal_error",
+    503: "unavailable",
+}
+
+
+class ApiError(Exception):
+    """An HTTP error raised at the edge (auth, validation)."""
+
+    def __init__(
+        self, status: int, message: str, *, code: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code or HTTP_CODES.get(status, "error")
+        self.message = message
+        self.headers = headers or {}
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    response = jsonify(error=code, message=message)
+    response.status_code = status
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError) -> Response:
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.errorhandler(domain.RefundServiceError)
+    def _domain_error(exc: domain.RefundServiceError) -> Response:
+        return error_response(DOMAIN_STATUS.get(type(exc), 422), exc.code, exc.message)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        message = {
+            404: "No such endpoint. See /openapi.json for the API.",
+            405: "This endpoint does not accept that method.",
+            413: "The request body is too large.",
+        }.get(status, exc.description or "Request failed.")
+        headers = {"Allow": exc.get_response().headers["Allow"]} if status == 405 else None
+        return error_response(status, HTTP_CODES.get(status, "error"), message, headers)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error", extra={"request_id": g.get("request_id")})
+        return error_response(
+            500,
+            "internal_error",
+            f"Something went wrong on our side. Quote request id {g.get('request_id')} when reporting it.",
+        )

@@ -1,0 +1,88 @@
+"""/v1/admin/refunds: thin views over ``shared.refunds``."""
+
+from __future__ import annotations
+
+import json
+
+from flask import Blueprint, Response, g, jsonify, request
+from pydantic import ValidationError
+
+from api.auth import require_scope
+from api.errors import ApiError
+from api.schemas import RefundCreate, RefundListQuery, describe
+from shared import refunds
+from shared.celery_app import enqueue_refund
+from shared.db import unit_of_work
+from shared.idempotency import request_fingerprint
+
+bp = Blueprint("refunds", __name__, url_prefix="/v1/admin/refunds")
+
+IDEMPOTENCY_KEY_MAX = 255
+
+
+def _parse_body() -> RefundCreate:
+    raw = request.get_data(cache=False)
+    try:
+        return RefundCreate.model_validate_json(raw or b"null")
+    except ValidationError as exc:
+        if any(e["type"] in ("json_invalid", "model_type") for e in exc.errors()):
+            raise ApiError(422, "The body must be a JSON object, e.g. "
+                           '{"charge_id": "ch_...", "amount_cents": 500}.') from exc
+        raise ApiError(422, describe(exc)) from exc
+
+
+def _idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX or not key.isprintable():
+        raise ApiError(422, f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} printable characters.")
+    return key
+
+
+@bp.post("")
+@require_scope("write")
+def create_refund() -> Response:
+    body = _parse_body()
+    key = _idempotency_key()
+    with unit_of_work() as session:
+        result = refunds.initiate_refund(
+            session=session,
+            request=refunds.RefundRequest(
+                charge_id=body.charge_id,
+                amount_cents=body.amount_cents,
+                reason=body.reason,
+            ),
+            initiated_by=g.caller.subject,
+            idempotency_key=key,
+            fingerprint=request_fingerprint(body.model_dump()),
+        )
+    if not result.replayed:
+        enqueue_refund(result.refund_id)
+    response = Response(json.dumps(result.body), status=result.status, mimetype="application/json")
+    response.headers["Location"] = f"{bp.url_prefix}/{result.refund_id}"
+    if result.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+@bp.get("/<path:refund_id>")
+@require_scope("read")
+def get_refund(refund_id: str) -> Response:
+    with unit_of_work() as session:
+        return jsonify(refunds.get_refund(session=session, refund_id=refund_id))
+
+
+@bp.get("")
+@require_scope("read")
+def list_refunds() -> Response:
+    try:
+        query = RefundListQuery.model_validate(request.args.to_dict())
+    except ValidationError as exc:
+        raise ApiError(422, describe(exc)) from exc
+    with unit_of_work() as session:
+        try:
+            page = refunds.list_refunds(session=session, **query.model_dump())
+        except refunds.InvalidCursor as exc:
+            raise ApiError(422, "cursor: pass back a next_cursor this service returned.") from exc
+    return jsonify(page)

@@ -1,0 +1,83 @@
+"""The one module that knows Celery: the app, its settings (SPEC 6) and ``enqueue_refund``.
+
+The API enqueues by task name, so it never imports the worker's code."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+from celery import Celery
+
+from shared.config import get_settings
+
+log = logging.getLogger(__name__)
+
+PROCESS_REFUND_TASK = "refunds.process"
+RECONCILE_TASK = "refunds.reconcile"
+REFUNDS_QUEUE = "refunds"
+
+#: Longest retry countdown a task may schedule; visibility timeout must exceed it.
+MAX_RETRY_COUNTDOWN_SECONDS = 300
+TASK_TIME_LIMIT_SECONDS = 120
+
+
+def make_celery() -> Celery:
+    settings = get_settings()
+    app = Celery("refunds", broker=settings.broker_url)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=REFUNDS_QUEUE,
+        task_queues=None,
+        task_create_missing_queues=True,
+        task_soft_time_limit=TASK_TIME_LIMIT_SECONDS - 30,
+        task_time_limit=TASK_TIME_LIMIT_SECONDS,
+        task_send_sent_event=True,
+        worker_send_task_events=True,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            # Redis redelivers unacked messages after this; it must exceed the longest
+            # countdown and time limit or one task could run twice at once.
+            "visibility_timeout": 3 * (MAX_RETRY_COUNTDOWN_SECONDS + TASK_TIME_LIMIT_SECONDS),
+        },
+        beat_schedule={
+            "reconcile-stuck-refunds": {
+                "task": RECONCILE_TASK,
+                "schedule": settings.reconcile_interval_seconds,
+                "options": {"expires": settings.reconcile_interval_seconds},
+            }
+        },
+        timezone="UTC",
+        enable_utc=True,
+    )
+    return app
+
+
+@functools.cache
+def get_celery() -> Celery:
+    return make_celery()
+
+
+def enqueue_refund(refund_id: str) -> bool:
+    """Ask a worker to process a refund. Call only after the refund's row is committed.
+
+    A failure here loses nothing: the pending row is the outbox and the reconciler
+    enqueues it again, so the error is logged and reported, not raised.
+    """
+    try:
+        get_celery().send_task(
+            PROCESS_REFUND_TASK,
+            args=[refund_id],
+            retry=True,
+            retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
+        )
+    except Exception:
+        log.exception("enqueue failed; the reconciler will pick the refund up", extra={"refund_id": refund_id})
+        return False
+    return True

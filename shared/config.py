@@ -1,0 +1,83 @@
+"""Settings, read once from the environment (12-factor) and validated at start.
+
+A missing or malformed setting stops the process with one line naming it
+(see ``load_settings``); everything else reads ``get_settings()``.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_JWT_SECRET = "dev-only-insecure-jwt-secret-change-me"  # noqa: S105 - the documented local default
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    database_url: str = "postgresql+psycopg://postgres@localhost:5432/refunds"
+    redis_url: str = "redis://localhost:6379/0"
+    celery_broker_url: str | None = None
+
+    stripe_api_key: str = "sk_test_local"
+    stripe_api_base: str | None = None
+    stripe_webhook_secret: str = "whsec_local"
+    stripe_max_rps: float = Field(default=25.0, gt=0)
+    stripe_timeout_seconds: float = Field(default=10.0, gt=0)
+
+    jwt_secret: str | None = DEV_JWT_SECRET
+    jwt_jwks_url: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    refunds_write_scope: str = "refunds:write"
+    refunds_read_scope: str = "refunds:read"
+
+    reconcile_interval_seconds: float = Field(default=60.0, gt=0)
+    stuck_after_seconds: float = Field(default=300.0, gt=0)
+    stuck_alert_seconds: float = Field(default=3600.0, gt=0)
+
+    port: int = Field(default=8000, ge=1, le=65535)
+    max_request_bytes: int = Field(default=64 * 1024, gt=0)
+    flower_basic_auth: str | None = None
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if not self.database_url.startswith(("postgresql", "postgres")):
+            raise ValueError("DATABASE_URL must be a postgresql:// URL")
+        if not (self.jwt_secret or self.jwt_jwks_url):
+            raise ValueError("set JWT_SECRET or JWT_JWKS_URL")
+        if self.jwt_secret and len(self.jwt_secret.encode()) < 32:
+            raise ValueError("JWT_SECRET must be at least 32 bytes (HS256 needs a 256-bit key)")
+        return self
+
+    @property
+    def broker_url(self) -> str:
+        return self.celery_broker_url or self.redis_url
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        # Accept the common postgres:// and postgresql:// spellings; always drive psycopg 3.
+        url = self.database_url
+        for prefix in ("postgres://", "postgresql://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix) :]
+        return url
+
+
+def load_settings() -> Settings:
+    """Build settings, or exit with one clear line naming the bad setting."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = ".".join(str(p) for p in err["loc"]).upper() or "configuration"
+        sys.exit(f"configuration error: {name}: {err['msg']}")
+
+
+@functools.cache
+def get_settings() -> Settings:
+    return load_settings()

@@ -1,0 +1,255 @@
+"""Refund use cases: initiate one (SPEC 3.1), read one, list them (SPEC 3.2)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, or_, select, tuple_
+from sqlalchemy.orm import Session
+
+from shared import idempotency
+from shared.errors import ChargeDisputed, NotFound, PaymentNotSucceeded
+from shared.models import RELEASED_STATUSES, Charge, Payment, Refund, RefundEvent, RefundStatus, new_id
+from shared.rules import amount_to_refund
+from shared.transitions import record_event
+
+STRIPE_REASONS = frozenset({"duplicate", "fraudulent", "requested_by_customer"})
+
+
+@dataclass(frozen=True)
+class RefundRequest:
+    charge_id: str
+    amount_cents: int | None  # None means "full": everything that is left
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class Initiated:
+    status: int
+    body: dict[str, Any]
+    replayed: bool
+
+    @property
+    def refund_id(self) -> str:
+        return str(self.body["refund_id"])
+
+
+def stripe_idempotency_key(refund_id: str) -> str:
+    """The key every Stripe call for this refund uses, identical on every attempt."""
+    return f"refund-{refund_id}"
+
+
+def initiate_refund(
+    *,
+    session: Session,
+    request: RefundRequest,
+    initiated_by: str,
+    idempotency_key: str | None,
+    fingerprint: str,
+) -> Initiated:
+    """Record a pending refund in one transaction and commit it.
+
+    The caller enqueues the refund for the worker after this returns (never before the
+    commit). Raises a ``RefundServiceError`` for every rejected request; nothing is
+    written then.
+    """
+    if idempotency_key is not None:
+        stored = idempotency.claim(
+            session, subject=initiated_by, key=idempotency_key, fingerprint=fingerprint
+        )
+        if stored is not None:
+            return Initiated(status=stored.status, body=stored.body, replayed=True)
+
+    payment, charge = _lock_payment(session, request.charge_id)
+    if payment.status != "succeeded" or (charge is not None and charge.status != "succeeded"):
+        state = charge.status if charge is not None and charge.status != "succeeded" else payment.status
+        raise PaymentNotSucceeded(
+            f"The payment is '{state}', not 'succeeded': only a succeeded payment can be refunded."
+        )
+    if charge is not None and charge.disputed:
+        raise ChargeDisputed(
+            "The charge is disputed; money is returned through the dispute, not a refund."
+        )
+    held = session.scalar(
+        select(func.coalesce(func.sum(Refund.amount), 0)).where(
+            Refund.payment_id == payment.id, Refund.status.not_in(RELEASED_STATUSES)
+        )
+    )
+    amount = amount_to_refund(
+        left=max(payment.amount - int(held or 0), 0),
+        amount_cents=request.amount_cents,
+        currency=payment.currency,
+    )
+
+    refund_id = new_id("rf")
+    refund = Refund(
+        id=refund_id,
+        payment_id=payment.id,
+        charge_id=charge.id if charge is not None else None,
+        amount=amount,
+        currency=payment.currency,
+        status=RefundStatus.PENDING,
+        reason=request.reason,
+        stripe_idempotency_key=stripe_idempotency_key(refund_id),
+        initiated_by=initiated_by,
+    )
+    session.add(refund)
+    session.flush()
+    record_event(
+        session,
+        refund_id=refund_id,
+        from_status=None,
+        to_status=RefundStatus.PENDING,
+        actor=initiated_by,
+        detail={"amount": amount, "reason": request.reason, "full": request.amount_cents is None},
+    )
+    body = initiated_body(refund)
+    if idempotency_key is not None:
+        idempotency.store(
+            session,
+            subject=initiated_by,
+            key=idempotency_key,
+            response=idempotency.StoredResponse(status=201, body=body),
+        )
+    session.commit()
+    return Initiated(status=201, body=body, replayed=False)
+
+
+def _lock_payment(session: Session, charge_id: str) -> tuple[Payment, Charge | None]:
+    """Find the payment a request names and lock its row for the rest of the transaction.
+
+    ``charge_id`` is tried as a Stripe charge id, then as a PaymentIntent id or one of our
+    payment ids (SPEC 3.1)."""
+    charge = session.scalar(select(Charge).where(Charge.id == charge_id))
+    if charge is not None:
+        payment = session.scalar(
+            select(Payment).where(Payment.id == charge.payment_id).with_for_update()
+        )
+        assert payment is not None  # a foreign key guarantees it
+        session.refresh(charge)  # read the charge again now that the payment is locked
+        return payment, charge
+    payment = session.scalar(
+        select(Payment)
+        .where(or_(Payment.stripe_payment_intent_id == charge_id, Payment.id == charge_id))
+        .with_for_update()
+    )
+    if payment is None:
+        raise NotFound(f"No charge or payment has the id '{charge_id[:80]}'.")
+    charge = session.scalar(
+        select(Charge)
+        .where(Charge.payment_id == payment.id)
+        .order_by((Charge.status == "succeeded").desc(), Charge.created_at.desc())
+        .limit(1)
+    )
+    return payment, charge
+
+
+def initiated_body(refund: Refund) -> dict[str, Any]:
+    """The 201 body: exactly the seed's fields."""
+    return {
+        "refund_id": refund.id,
+        "payment_id": refund.payment_id,
+        "charge_id": refund.charge_id,
+        "amount_cents": refund.amount,
+        "status": refund.status,
+        "stripe_refund_id": refund.stripe_refund_id or "",
+    }
+
+
+def refund_body(refund: Refund, events: list[RefundEvent] | None = None) -> dict[str, Any]:
+    body = initiated_body(refund) | {
+        "currency": refund.currency,
+        "reason": refund.reason,
+        "failure_reason": refund.failure_reason,
+        "initiated_by": refund.initiated_by,
+        "created_at": _iso(refund.created_at),
+        "updated_at": _iso(refund.updated_at),
+        "attempts": refund.attempts,
+    }
+    if events is not None:
+        body["events"] = [
+            {
+                "from_status": e.from_status,
+                "to_status": e.to_status,
+                "actor": e.actor,
+                "detail": e.detail,
+                "created_at": _iso(e.created_at),
+            }
+            for e in events
+        ]
+    return body
+
+
+def _iso(value: datetime) -> str:
+    return value.isoformat().replace("+00:00", "Z")
+
+
+def get_refund(*, session: Session, refund_id: str) -> dict[str, Any]:
+    refund = session.get(Refund, refund_id)
+    if refund is None:
+        raise NotFound(f"No refund has the id '{refund_id[:80]}'.")
+    events = list(
+        session.scalars(
+            select(RefundEvent)
+            .where(RefundEvent.refund_id == refund_id)
+            .order_by(RefundEvent.created_at, RefundEvent.id)
+        )
+    )
+    return refund_body(refund, events)
+
+
+class InvalidCursor(ValueError):
+    pass
+
+
+def encode_cursor(refund: Refund) -> str:
+    raw = json.dumps([refund.created_at.isoformat(), refund.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, refund_id = json.loads(raw)
+        return datetime.fromisoformat(created), str(refund_id)
+    except (binascii.Error, ValueError, TypeError) as exc:
+        raise InvalidCursor("cursor is not one this service returned") from exc
+
+
+def list_refunds(
+    *,
+    session: Session,
+    limit: int,
+    cursor: str | None = None,
+    charge_id: str | None = None,
+    payment_id: str | None = None,
+    status: str | None = None,
+    initiated_by: str | None = None,
+) -> dict[str, Any]:
+    """Newest first, paged by an opaque cursor over (created_at, id)."""
+    query = select(Refund)
+    if charge_id is not None:
+        query = query.where(Refund.charge_id == charge_id)
+    if payment_id is not None:
+        query = query.where(Refund.payment_id == payment_id)
+    if status is not None:
+        query = query.where(Refund.status == status)
+    if initiated_by is not None:
+        query = query.where(Refund.initiated_by == initiated_by)
+    if cursor is not None:
+        created, last_id = decode_cursor(cursor)
+        query = query.where(tuple_(Refund.created_at, Refund.id) < tuple_(created, last_id))
+    rows = list(
+        session.scalars(query.order_by(Refund.created_at.desc(), Refund.id.desc()).limit(limit + 1))
+    )
+    page = rows[:limit]
+    return {
+        "data": [refund_body(r) for r in page],
+        "has_more": len(rows) > limit,
+        "next_cursor": encode_cursor(page[-1]) if len(rows) > limit else None,
+    }

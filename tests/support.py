@@ -1,0 +1,149 @@
+"""Helpers shared by the tests: real processes, free ports, tokens and seed data."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from shared.config import Settings
+from shared.models import Charge, Payment, new_id
+from shared.tokens import issue_token
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_http(url: str, timeout: float = 20.0, proc: subprocess.Popen[Any] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            httpx.get(url, timeout=1.0)
+            return
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+class ServiceProcess:
+    """A real child process (web, worker, beat...) with its output in a log file."""
+
+    def __init__(self, name: str, argv: list[str], env: Mapping[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = dict(env)
+        self.log_path = log_dir / f"{name}-{int(time.time() * 1000)}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ServiceProcess:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group, as a crash would."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def __enter__(self) -> ServiceProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def web_process(env: Mapping[str, str], log_dir: Path, *, workers: int = 2, port: int | None = None) -> tuple[ServiceProcess, str]:
+    port = port or free_port()
+    argv = [
+        str(BIN / "gunicorn"), "api.wsgi:app", "--bind", f"127.0.0.1:{port}",
+        "--workers", str(workers), "--worker-class", "gthread", "--threads", "4",
+        "--graceful-timeout", "5", "--log-level", "warning",
+    ]
+    return ServiceProcess("web", argv, env, log_dir), f"http://127.0.0.1:{port}"
+
+
+def worker_process(env: Mapping[str, str], log_dir: Path, *, name: str = "worker", concurrency: int = 2, pool: str = "threads") -> ServiceProcess:
+    argv = [
+        str(BIN / "celery"), "-A", "worker.app", "worker", "--loglevel", "INFO",
+        "--pool", pool, "--concurrency", str(concurrency), "--hostname", f"{name}-{os.getpid()}@%h",
+        "--without-mingle", "--without-gossip",
+    ]
+    return ServiceProcess(name, argv, env, log_dir)
+
+
+def token(settings: Settings, *, scopes: tuple[str, ...] = ("refunds:read", "refunds:write"), sub: str = "ops@example.com", ttl: int = 3600) -> str:
+    return issue_token(settings, subject=sub, scopes=list(scopes), ttl_seconds=ttl)
+
+
+def auth(settings: Settings, **kwargs: Any) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(settings, **kwargs)}"}
+
+
+def seed_payment(
+    session: Session,
+    *,
+    amount: int = 10_000,
+    currency: str = "usd",
+    status: str = "succeeded",
+    charge_status: str | None = "succeeded",
+    disputed: bool = False,
+) -> tuple[Payment, Charge | None]:
+    """A payment (and its charge) as `refunds payments sync` would have stored it."""
+    suffix = new_id("x")[2:]
+    payment = Payment(
+        id=new_id("pay"), stripe_payment_intent_id=f"pi_{suffix}", amount=amount,
+        currency=currency, status=status,
+    )
+    session.add(payment)
+    session.flush()
+    charge = None
+    if charge_status is not None:
+        charge = Charge(
+            id=f"ch_{suffix}", payment_id=payment.id, amount=amount, currency=currency,
+            status=charge_status, disputed=disputed,
+        )
+        session.add(charge)
+    session.commit()
+    return payment, charge
+
+
+def table_counts(session: Session) -> dict[str, int]:
+    tables = ("refunds", "refund_events", "idempotency_records", "payments", "charges", "stripe_events")
+    return {t: int(session.execute(text(f"SELECT count(*) FROM {t}")).scalar_one()) for t in tables}  # noqa: S608 - fixed names
