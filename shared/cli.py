@@ -1,0 +1,121 @@
+"""The ``refunds`` command: operator and developer tasks.
+
+Each subcommand is a thin wrapper over one function in ``shared`` (or the emulator),
+imported only when that subcommand runs so every command starts fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from shared.config import load_settings
+
+
+def _token(args: argparse.Namespace) -> int:
+    from shared.tokens import issue_token
+
+    settings = load_settings()
+    scopes = args.scope or [settings.refunds_read_scope, settings.refunds_write_scope]
+    print(issue_token(settings, subject=args.sub, scopes=scopes, ttl_seconds=args.ttl))
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from shared.db import unit_of_work
+    from shared.errors import NotFound
+    from shared.refunds import get_refund
+
+    load_settings()
+    with unit_of_work() as session:
+        try:
+            print(json.dumps(get_refund(session=session, refund_id=args.refund_id), indent=2))
+        except NotFound as exc:
+            print(exc.message, file=sys.stderr)
+            return 1
+    return 0
+
+
+def _payments_sync(args: argparse.Namespace) -> int:
+    from shared.payments import sync_from_stripe
+
+    load_settings()
+    print(json.dumps(sync_from_stripe()))
+    return 0
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    from shared.reconcile import reconcile_once
+
+    load_settings()
+    print(json.dumps(reconcile_once()))
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from alembic import command
+    from alembic.config import Config
+
+    load_settings()
+    command.upgrade(Config(str(Path(__file__).resolve().parent.parent / "alembic.ini")), "head")
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    print(f"configuration ok (database {settings.sqlalchemy_url.rsplit('@', 1)[-1]})")
+    return 0
+
+
+def _stripe_emulator(args: argparse.Namespace) -> int:
+    from emulator.server import serve
+
+    serve(host=args.host, port=args.port, webhook_url=args.webhook_url, webhook_secret=args.webhook_secret)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="refunds", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("token", _token, "Print a development bearer token signed with JWT_SECRET.")
+    p.add_argument("--scope", action="append", help="a scope to grant (repeatable); default read and write")
+    p.add_argument("--sub", default="dev@localhost", help="the caller recorded as initiated_by")
+    p.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
+
+    p = add("show", _show, "Print one refund with its audit trail.")
+    p.add_argument("refund_id")
+
+    payments = sub.add_parser("payments", help="Payments and charges.").add_subparsers(dest="action", required=True)
+    p = payments.add_parser("sync", help="Backfill payments, charges and refunds from Stripe.")
+    p.set_defaults(func=_payments_sync)
+
+    p = add("reconcile", _reconcile, "Run one reconciliation pass (what beat runs on a schedule).")
+    p.add_argument("--once", action="store_true", required=True, help="run a single pass and exit")
+
+    add("migrate", _migrate, "Apply database migrations (alembic upgrade head).")
+    add("check-config", _check_config, "Validate the settings and exit.")
+
+    p = add("stripe-emulator", _stripe_emulator, "Run the Stripe emulator for development and tests.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=12111)
+    p.add_argument("--webhook-url", default=None)
+    p.add_argument("--webhook-secret", default="whsec_local")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
