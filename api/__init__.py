@@ -29,9 +29,9 @@ def create_app() -> Flask:
         response.headers["X-Request-Id"] = g.get("request_id", "")
         return response
 
-    from api import health, refunds
+    from api import console, health, metrics, openapi, refunds, webhooks
 
-    app.register_blueprint(refunds.bp)
-    app.register_blueprint(health.bp)
+    for blueprint in (refunds.bp, webhooks.bp, health.bp, metrics.bp, openapi.bp, console.bp):
+        app.register_blueprint(blueprint)
     register_error_handlers(app)
     return app
