@@ -13,6 +13,7 @@ from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_JWT_SECRET = "dev-only-insecure-jwt-secret-change-me"  # noqa: S105 - the documented local default
+DEV_CONSOLE_SECRET = "dev-only-insecure-console-secret-change-me"  # noqa: S105 - local default
 
 
 class Settings(BaseSettings):
@@ -44,6 +45,11 @@ class Settings(BaseSettings):
     flower_basic_auth: str | None = None
     log_level: str = "INFO"
 
+    # The operators' console (/console): session cookies are signed with this key.
+    console_secret_key: str = DEV_CONSOLE_SECRET
+    console_cookie_secure: bool = False  # set true wherever the console is served over HTTPS
+    flower_url: str | None = None  # where operators open Flower, for links to tasks
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if not self.database_url.startswith(("postgresql", "postgres")):
@@ -52,6 +58,10 @@ class Settings(BaseSettings):
             raise ValueError("set JWT_SECRET or JWT_JWKS_URL")
         if self.jwt_secret and len(self.jwt_secret.encode()) < 32:
             raise ValueError("JWT_SECRET must be at least 32 bytes (HS256 needs a 256-bit key)")
+        if len(self.console_secret_key.encode()) < 32:
+            raise ValueError("CONSOLE_SECRET_KEY must be at least 32 bytes")
+        if self.flower_url is not None and not self.flower_url.startswith(("http://", "https://")):
+            raise ValueError("FLOWER_URL must be an http:// or https:// URL")
         return self
 
     @property
