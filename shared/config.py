@@ -56,6 +56,10 @@ class Settings(BaseSettings):
             raise ValueError("DATABASE_URL must be a postgresql:// URL")
         if not (self.jwt_secret or self.jwt_jwks_url):
             raise ValueError("set JWT_SECRET or JWT_JWKS_URL")
+        if self.jwt_jwks_url and "jwt_secret" not in self.model_fields_set:
+            # The dev default secret is public: once real keys come from a JWKS, tokens
+            # signed with it must not be accepted too. HS256 stays on only if set explicitly.
+            self.jwt_secret = None
         if self.jwt_secret and len(self.jwt_secret.encode()) < 32:
             raise ValueError("JWT_SECRET must be at least 32 bytes (HS256 needs a 256-bit key)")
         if len(self.console_secret_key.encode()) < 32:
