@@ -17,6 +17,8 @@ def create_app() -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    # Werkzeug would answer '//' in a path with an HTML 308 redirect; every answer is JSON.
+    app.url_map.merge_slashes = False
 
     @app.before_request
     def _request_id() -> None:
