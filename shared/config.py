@@ -40,6 +40,13 @@ class Settings(BaseSettings):
     stuck_after_seconds: float = Field(default=300.0, gt=0)
     stuck_alert_seconds: float = Field(default=3600.0, gt=0)
 
+    # Worker retries of transient Stripe errors (SPEC 6): countdown base * 2**n with jitter,
+    # capped by celery_app.MAX_RETRY_COUNTDOWN_SECONDS; after max_attempts the reconciler owns it.
+    retry_base_seconds: float = Field(default=2.0, gt=0)
+    retry_max_seconds: float = Field(default=300.0, gt=0)
+    max_attempts: int = Field(default=8, ge=1)
+    worker_concurrency: int = Field(default=8, ge=1, le=64)
+
     port: int = Field(default=8000, ge=1, le=65535)
     max_request_bytes: int = Field(default=64 * 1024, gt=0)
     flower_basic_auth: str | None = None
