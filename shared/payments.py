@@ -1,0 +1,421 @@
+"""Payments in: payments and charges from Stripe's PaymentIntents and Charges.
+
+Webhooks (``shared.stripe_events``) and ``refunds payments sync`` both go through the
+upserts here, so the rules live in one place:
+
+- upserts are ``INSERT ... ON CONFLICT``, safe to repeat and to run concurrently;
+- a status only moves forward (``STATUS_RANK``): a late ``processing`` never
+  overwrites ``succeeded``, and a final status is never left;
+- ``payments.amount`` is what was captured once a payment has succeeded, because
+  what is left to refund is computed from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, TypeVar
+
+from sqlalchemy import ColumnElement, and_, case, func, literal_column, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from shared.db import unit_of_work
+from shared.models import Charge, Payment, new_id
+from shared.stripe_gateway import StripeGateway, get_gateway
+
+log = logging.getLogger(__name__)
+
+#: How far along a payment or charge is. A status may only be replaced by one of the
+#: same or a higher rank; rank 4 is final. PaymentIntent statuses, plus Charge
+#: statuses for payments made with the Charges API alone (no PaymentIntent).
+STATUS_RANK: dict[str, int] = {
+    "requires_payment_method": 1,
+    "requires_confirmation": 1,
+    "requires_action": 1,
+    "pending": 2,
+    "processing": 2,
+    "requires_capture": 3,
+    "succeeded": 4,
+    "canceled": 4,
+    "failed": 4,
+}
+FINAL_STATUSES = tuple(s for s, rank in STATUS_RANK.items() if rank == 4)
+
+#: Rows per INSERT and per transaction in a sync: big enough to amortise round trips,
+#: small enough that a batch holds its row locks only briefly next to live webhooks.
+SYNC_BATCH = 500
+DEADLOCK_RETRIES = 3
+
+T = TypeVar("T")
+StripeObject = Mapping[str, Any]
+
+
+def as_dict(obj: Any) -> dict[str, Any]:
+    """A plain dict of a Stripe SDK object (or of a dict already)."""
+    to_dict = getattr(obj, "to_dict", None)
+    return to_dict() if callable(to_dict) else dict(obj)
+
+
+def status_rank(status: str) -> int:
+    return STATUS_RANK.get(status, 0)
+
+
+def _rank_sql(column: Any) -> ColumnElement[int]:
+    return case(STATUS_RANK, value=column, else_=0)
+
+
+def _may_replace_status(current: Any, incoming: Any, *, authoritative: bool) -> ColumnElement[bool]:
+    """SQL for "the incoming status may replace the stored one".
+
+    Never out of a final status (except to refresh the same one). Otherwise forward
+    only, unless ``incoming`` was just read from Stripe (``authoritative``): Stripe
+    itself moves a PaymentIntent back from ``processing`` to
+    ``requires_payment_method`` when an asynchronous payment fails, and only a fresh
+    read can tell that apart from a late event.
+    """
+    not_final = current.not_in(FINAL_STATUSES)
+    if authoritative:
+        return or_(current == incoming, not_final)
+    return or_(current == incoming, and_(not_final, _rank_sql(incoming) >= _rank_sql(current)))
+
+
+# Payments --------------------------------------------------------------------------
+
+
+def payment_values(pi: StripeObject) -> dict[str, Any]:
+    """Our payment columns for a Stripe PaymentIntent."""
+    status = str(pi["status"])
+    amount = pi.get("amount") or 0
+    if status == "succeeded" and pi.get("amount_received") is not None:
+        # What was captured, which can be less than asked (partial capture). Before
+        # success nothing is refundable, so the intended amount is shown meanwhile.
+        amount = pi["amount_received"]
+    return {
+        "stripe_payment_intent_id": str(pi["id"]),
+        "amount": int(amount),
+        "currency": str(pi["currency"]).lower(),
+        "status": status,
+    }
+
+
+def _legacy_payment_id(charge_id: str) -> str:
+    """The payment id of a charge made without a PaymentIntent (the Charges API).
+
+    Derived from the charge id, so concurrent webhooks and syncs agree on it without
+    a lookup and ``ON CONFLICT (id)`` makes its upsert idempotent."""
+    return "pay_" + hashlib.sha256(charge_id.encode()).hexdigest()[:24]
+
+
+def upsert_payments(
+    session: Session, intents: Iterable[StripeObject], *, authoritative: bool = False
+) -> dict[str, int]:
+    """Insert or update payments from PaymentIntents; returns inserted/updated counts.
+
+    ``authoritative``: the objects were just read from Stripe (not an event snapshot),
+    so a non-final status may also move back (see ``_may_replace_status``)."""
+    by_pi = {str(pi["id"]): payment_values(pi) for pi in intents}
+    if not by_pi:
+        return {"inserted": 0, "updated": 0}
+    # One row per PaymentIntent, in key order so concurrent batches lock rows in the
+    # same order and cannot deadlock each other.
+    rows = [{"id": new_id("pay"), **by_pi[pi_id]} for pi_id in sorted(by_pi)]
+    stmt = pg_insert(Payment).values(rows)
+    new = stmt.excluded
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[Payment.stripe_payment_intent_id],
+        set_={
+            "status": new.status,
+            "amount": new.amount,
+            "currency": new.currency,
+            "updated_at": func.now(),
+        },
+        where=and_(
+            _may_replace_status(Payment.status, new.status, authoritative=authoritative),
+            or_(
+                Payment.status != new.status,
+                Payment.amount != new.amount,
+                Payment.currency != new.currency,
+            ),
+        ),
+    )
+    return _count(session, stmt.returning(literal_column("xmax = 0")))
+
+
+def _upsert_legacy_payments(session: Session, charges: list[StripeObject]) -> None:
+    """Payments for charges that have no PaymentIntent; the charge is the payment."""
+    if not charges:
+        return
+    rows = sorted(
+        (
+            {
+                "id": _legacy_payment_id(str(ch["id"])),
+                "stripe_payment_intent_id": None,
+                "amount": charge_amount(ch),
+                "currency": str(ch["currency"]).lower(),
+                "status": str(ch["status"]),
+            }
+            for ch in charges
+        ),
+        key=lambda row: row["id"],
+    )
+    stmt = pg_insert(Payment).values(rows)
+    new = stmt.excluded
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[Payment.id],
+            set_={"status": new.status, "amount": new.amount, "updated_at": func.now()},
+            where=and_(
+                _may_replace_status(Payment.status, new.status, authoritative=False),
+                or_(Payment.status != new.status, Payment.amount != new.amount),
+            ),
+        )
+    )
+
+
+def payment_ids_for(session: Session, payment_intent_ids: Iterable[str]) -> dict[str, str]:
+    """Our payment id for each PaymentIntent id we know."""
+    ids = list(set(payment_intent_ids))
+    if not ids:
+        return {}
+    rows = session.execute(
+        select(Payment.stripe_payment_intent_id, Payment.id).where(
+            Payment.stripe_payment_intent_id.in_(ids)
+        )
+    )
+    return {str(pi_id): pay_id for pi_id, pay_id in rows}
+
+
+def stored_payment_status(session: Session, payment_intent_id: str) -> str | None:
+    return session.scalar(
+        select(Payment.status).where(Payment.stripe_payment_intent_id == payment_intent_id)
+    )
+
+
+# Charges ---------------------------------------------------------------------------
+
+
+def charge_amount(ch: StripeObject) -> int:
+    """What a charge captured: nothing for a failed or uncaptured one."""
+    captured = ch.get("amount_captured")
+    if captured is None:  # objects from before Stripe added amount_captured
+        captured = ch.get("amount", 0) if ch.get("captured") else 0
+    return int(captured)
+
+
+def _payment_intent_id(ch: StripeObject) -> str | None:
+    pi = ch.get("payment_intent")
+    if isinstance(pi, Mapping):  # expanded
+        pi = pi.get("id")
+    return str(pi) if pi else None
+
+
+def upsert_charges(
+    session: Session,
+    charges: Iterable[StripeObject],
+    *,
+    gateway: StripeGateway,
+    disputed: bool = False,
+) -> dict[str, int]:
+    """Insert or update charges (and, first, the payments they belong to).
+
+    A charge whose PaymentIntent we have not seen yet (its events are late, or it was
+    created while a sync was listing) has its PaymentIntent fetched from Stripe.
+    ``disputed`` marks them disputed whatever the objects say. Once set, ``disputed``
+    is never cleared: Stripe keeps it true after a dispute closes too."""
+    by_id = {str(ch["id"]): ch for ch in charges}
+    if not by_id:
+        return {"inserted": 0, "updated": 0}
+    pi_ids = {cid: _payment_intent_id(ch) for cid, ch in by_id.items()}
+    known = payment_ids_for(session, (pi for pi in pi_ids.values() if pi))
+    missing = sorted({pi for pi in pi_ids.values() if pi and pi not in known})
+    if missing:
+        upsert_payments(
+            session,
+            [as_dict(gateway.retrieve_payment_intent(pi)) for pi in missing],
+            authoritative=True,
+        )
+        known |= payment_ids_for(session, missing)
+    _upsert_legacy_payments(session, [ch for cid, ch in by_id.items() if pi_ids[cid] is None])
+
+    rows = []
+    for cid in sorted(by_id):
+        ch = by_id[cid]
+        pi = pi_ids[cid]
+        rows.append(
+            {
+                "id": cid,
+                "payment_id": known[pi] if pi else _legacy_payment_id(cid),
+                "amount": charge_amount(ch),
+                "currency": str(ch["currency"]).lower(),
+                "status": str(ch["status"]),
+                "disputed": disputed or bool(ch.get("disputed")),
+            }
+        )
+    stmt = pg_insert(Charge).values(rows)
+    new = stmt.excluded
+    status_ok = _may_replace_status(Charge.status, new.status, authoritative=False)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[Charge.id],
+        set_={
+            "status": case((status_ok, new.status), else_=Charge.status),
+            "amount": case((status_ok, new.amount), else_=Charge.amount),
+            "currency": case((status_ok, new.currency), else_=Charge.currency),
+            "disputed": or_(Charge.disputed, new.disputed),
+            "updated_at": func.now(),
+        },
+        where=or_(
+            and_(
+                status_ok,
+                or_(
+                    Charge.status != new.status,
+                    Charge.amount != new.amount,
+                    Charge.currency != new.currency,
+                ),
+            ),
+            and_(new.disputed, Charge.disputed.is_(False)),
+        ),
+    )
+    return _count(session, stmt.returning(literal_column("xmax = 0")))
+
+
+def mark_disputed(session: Session, charge_id: str) -> bool:
+    """Flag a known charge as disputed; False when we do not have the charge."""
+    found = session.execute(
+        update(Charge)
+        .where(Charge.id == charge_id)
+        .values(disputed=True, updated_at=func.now())
+        .returning(Charge.id)
+    ).first()
+    return found is not None
+
+
+def ensure_charges(session: Session, charge_ids: Iterable[str], *, gateway: StripeGateway) -> None:
+    """Make sure each charge (and its payment) is stored, fetching unknown ones."""
+    ids = set(charge_ids)
+    if not ids:
+        return
+    have = set(session.scalars(select(Charge.id).where(Charge.id.in_(ids))))
+    unknown = sorted(ids - have)
+    if unknown:
+        fetched = [as_dict(gateway.retrieve_charge(c)) for c in unknown]
+        upsert_charges(session, fetched, gateway=gateway)
+
+
+def _count(session: Session, stmt: Any) -> dict[str, int]:
+    inserted = updated = 0
+    for (was_insert,) in session.execute(stmt):
+        if was_insert:
+            inserted += 1
+        else:
+            updated += 1
+    return {"inserted": inserted, "updated": updated}
+
+
+# Refunds made outside this service -------------------------------------------------
+
+
+def refund_charge_id(refund: StripeObject) -> str | None:
+    charge = refund.get("charge")
+    if isinstance(charge, Mapping):
+        charge = charge.get("id")
+    return str(charge) if charge else None
+
+
+def apply_refunds(
+    session: Session, refunds: Iterable[Any], *, gateway: StripeGateway, actor: str
+) -> int:
+    """Record Stripe refunds (each as read from Stripe) against their payments.
+
+    The refund rules (matching our own refunds, recording ones made elsewhere,
+    forward-only status) belong to ``shared.refund_updates``; this only makes sure the
+    charge and payment each refund belongs to are stored first."""
+    from shared.refund_updates import apply_stripe_refund
+
+    refunds = list(refunds)
+    ensure_charges(
+        session,
+        (cid for cid in (refund_charge_id(as_dict(r)) for r in refunds) if cid),
+        gateway=gateway,
+    )
+    for refund in refunds:
+        apply_stripe_refund(session, refund, actor=actor)
+    return len(refunds)
+
+
+# Sync ------------------------------------------------------------------------------
+
+
+def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _in_transaction(work: Callable[[Session], dict[str, int] | int]) -> dict[str, int] | int:
+    """Run one batch in its own transaction, again if Postgres chose it as a deadlock
+    victim (a live webhook can lock the same rows in another order)."""
+    for attempt in range(DEADLOCK_RETRIES):
+        try:
+            with unit_of_work() as session:
+                result = work(session)
+                session.commit()
+                return result
+        except OperationalError as exc:
+            if getattr(exc.orig, "sqlstate", None) != "40P01" or attempt == DEADLOCK_RETRIES - 1:
+                raise
+            log.warning("sync batch deadlocked, retrying")
+    raise AssertionError("unreachable")
+
+
+def _add(total: dict[str, int], part: dict[str, int]) -> None:
+    for key, value in part.items():
+        total[key] = total.get(key, 0) + value
+
+
+def sync_from_stripe(
+    *, gateway: StripeGateway | None = None, batch_size: int = SYNC_BATCH
+) -> dict[str, Any]:
+    """Backfill every PaymentIntent, charge and refund Stripe has (auto-paging).
+
+    Safe to run again and alongside webhooks: every write is an idempotent,
+    forward-only upsert, one transaction per batch. PaymentIntents go first so the
+    charges find their payments; refunds last, so a refund made in Stripe's dashboard
+    counts against what is left."""
+    gateway = gateway or get_gateway()
+    started = time.monotonic()
+    result: dict[str, Any] = {}
+
+    counts = {"seen": 0, "inserted": 0, "updated": 0}
+    for batch in _batches(gateway.iter_payment_intents(), batch_size):
+        intents = [as_dict(pi) for pi in batch]
+        part = _in_transaction(lambda s, i=intents: upsert_payments(s, i, authoritative=True))
+        _add(counts, {"seen": len(intents), **part})  # type: ignore[dict-item]
+    result["payment_intents"] = counts
+
+    counts = {"seen": 0, "inserted": 0, "updated": 0}
+    for batch in _batches(gateway.iter_charges(), batch_size):
+        charges = [as_dict(ch) for ch in batch]
+        part = _in_transaction(lambda s, c=charges: upsert_charges(s, c, gateway=gateway))
+        _add(counts, {"seen": len(charges), **part})  # type: ignore[dict-item]
+    result["charges"] = counts
+
+    seen = 0
+    for batch in _batches(gateway.iter_refunds(), batch_size):
+        seen += int(
+            _in_transaction(  # type: ignore[arg-type]
+                lambda s, r=batch: apply_refunds(s, r, gateway=gateway, actor="stripe")
+            )
+        )
+    result["refunds"] = {"seen": seen}
+    result["seconds"] = round(time.monotonic() - started, 3)
+    log.info("payments sync done", extra={"sync": result})
+    return result
