@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import jwt
 from flask import g, request
@@ -14,6 +15,7 @@ from api.errors import ApiError
 from shared.config import Settings, get_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger(__name__)
 
 LEEWAY_SECONDS = 30
 
@@ -47,7 +49,13 @@ def _verification_key(token: str, settings: Settings) -> tuple[Any, str]:
     if alg == "RS256" and settings.jwt_jwks_url:
         try:
             return _jwks_client(settings.jwt_jwks_url).get_signing_key_from_jwt(token).key, alg
-        except jwt.PyJWKClientError as exc:
+        except jwt.PyJWKClientConnectionError as exc:
+            # Our outage, not the caller's fault: a 401 would send them to fetch a new token.
+            log.error("JWKS endpoint unreachable: %s", type(exc).__name__)
+            raise ApiError(
+                503, "The service cannot fetch its token keys right now; try again shortly."
+            ) from exc
+        except jwt.PyJWTError as exc:
             raise _unauthorized("The token's signing key is not one this service trusts.") from exc
     raise _unauthorized("The token's signing algorithm is not accepted.")
 
@@ -91,7 +99,7 @@ def authenticate(header: str | None, settings: Settings) -> Caller:
     return Caller(subject=subject, scopes=_scopes(claims))
 
 
-def require_scope(kind: str) -> Callable[[F], F]:
+def require_scope(kind: Literal["read", "write"]) -> Callable[[F], F]:
     """Decorate a view: 401 without a valid token, 403 without the ``kind`` scope."""
 
     def decorator(view: F) -> F:
@@ -99,7 +107,9 @@ def require_scope(kind: str) -> Callable[[F], F]:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             settings = get_settings()
             caller = authenticate(request.headers.get("Authorization"), settings)
-            needed = settings.refunds_write_scope if kind == "write" else settings.refunds_read_scope
+            needed = (
+                settings.refunds_write_scope if kind == "write" else settings.refunds_read_scope
+            )
             if needed not in caller.scopes:
                 raise ApiError(403, f"The token lacks the '{needed}' scope this endpoint needs.")
             g.caller = caller

@@ -28,15 +28,19 @@ def _parse_body() -> RefundCreate:
         if any(e["type"] in ("json_invalid", "model_type") for e in exc.errors()):
             raise ApiError(422, "The body must be a JSON object, e.g. "
                            '{"charge_id": "ch_...", "amount_cents": 500}.') from exc
-        raise ApiError(422, describe(exc)) from exc
+        raise ApiError(422, describe(exc, RefundCreate)) from exc
 
 
 def _idempotency_key() -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
-    if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX or not key.isprintable():
-        raise ApiError(422, f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} printable characters.")
+    # ASCII only: header bytes beyond it arrive as Latin-1 guesses, and a key must
+    # compare equal on every retry of the same request.
+    if not (1 <= len(key) <= IDEMPOTENCY_KEY_MAX and key.isascii() and key.isprintable()):
+        raise ApiError(
+            422, f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} printable ASCII characters."
+        )
     return key
 
 
@@ -76,10 +80,15 @@ def get_refund(refund_id: str) -> Response:
 @bp.get("")
 @require_scope("read")
 def list_refunds() -> Response:
+    args = request.args.to_dict(flat=False)
+    repeated = sorted(name for name, values in args.items() if len(values) > 1)
+    if repeated:
+        # Taking the first or the last value silently would hide a caller's mistake.
+        raise ApiError(422, f"{', '.join(repeated)}: give each query parameter at most once.")
     try:
-        query = RefundListQuery.model_validate(request.args.to_dict())
+        query = RefundListQuery.model_validate({name: values[0] for name, values in args.items()})
     except ValidationError as exc:
-        raise ApiError(422, describe(exc)) from exc
+        raise ApiError(422, describe(exc, RefundListQuery)) from exc
     with unit_of_work() as session:
         try:
             page = refunds.list_refunds(session=session, **query.model_dump())

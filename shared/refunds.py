@@ -9,16 +9,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, or_, select, tuple_
+from sqlalchemy import or_, select, tuple_
 from sqlalchemy.orm import Session
 
 from shared import idempotency
 from shared.errors import ChargeDisputed, NotFound, PaymentNotSucceeded
-from shared.models import RELEASED_STATUSES, Charge, Payment, Refund, RefundEvent, RefundStatus, new_id
-from shared.rules import amount_to_refund
+from shared.models import Charge, Payment, Refund, RefundEvent, RefundStatus, new_id
+from shared.rules import amount_to_refund, refundable_left
 from shared.transitions import record_event
 
 STRIPE_REASONS = frozenset({"duplicate", "fraudulent", "requested_by_customer"})
+REFUND_ID_MAX = 40  # refunds.id is String(40): no longer id exists
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,9 @@ def initiate_refund(
 
     payment, charge = _lock_payment(session, request.charge_id)
     if payment.status != "succeeded" or (charge is not None and charge.status != "succeeded"):
-        state = charge.status if charge is not None and charge.status != "succeeded" else payment.status
+        state = payment.status
+        if charge is not None and charge.status != "succeeded":
+            state = charge.status
         raise PaymentNotSucceeded(
             f"The payment is '{state}', not 'succeeded': only a succeeded payment can be refunded."
         )
@@ -75,13 +78,13 @@ def initiate_refund(
         raise ChargeDisputed(
             "The charge is disputed; money is returned through the dispute, not a refund."
         )
-    held = session.scalar(
-        select(func.coalesce(func.sum(Refund.amount), 0)).where(
-            Refund.payment_id == payment.id, Refund.status.not_in(RELEASED_STATUSES)
-        )
-    )
+    # Every refund of the payment, pending ones included, read under the payment's lock:
+    # the rules in ``shared.rules`` decide what is left, in one place.
+    existing = session.execute(
+        select(Refund.amount, Refund.status).where(Refund.payment_id == payment.id)
+    ).tuples()
     amount = amount_to_refund(
-        left=max(payment.amount - int(held or 0), 0),
+        left=refundable_left(payment.amount, existing),
         amount_cents=request.amount_cents,
         currency=payment.currency,
     )
@@ -189,10 +192,18 @@ def _iso(value: datetime) -> str:
     return value.isoformat().replace("+00:00", "Z")
 
 
+def _could_be_refund_id(value: str) -> bool:
+    """False for strings no refund id can be; Postgres rejects NUL in text outright, so
+    such ids must not reach a query (they would turn a 404 into a 500)."""
+    return 0 < len(value) <= REFUND_ID_MAX and value.isascii() and value.isprintable()
+
+
 def get_refund(*, session: Session, refund_id: str) -> dict[str, Any]:
+    if not _could_be_refund_id(refund_id):
+        raise NotFound("No refund has that id.")
     refund = session.get(Refund, refund_id)
     if refund is None:
-        raise NotFound(f"No refund has the id '{refund_id[:80]}'.")
+        raise NotFound(f"No refund has the id '{refund_id}'.")
     events = list(
         session.scalars(
             select(RefundEvent)
@@ -213,12 +224,21 @@ def encode_cursor(refund: Refund) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The position a cursor names. A cursor is opaque to callers but not trusted: one
+    that was not made by ``encode_cursor`` is refused here, before it reaches a query."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, refund_id = json.loads(raw)
-        return datetime.fromisoformat(created), str(refund_id)
+        position = datetime.fromisoformat(created)
     except (binascii.Error, ValueError, TypeError) as exc:
         raise InvalidCursor("cursor is not one this service returned") from exc
+    if (
+        position.tzinfo is None
+        or not isinstance(refund_id, str)
+        or not _could_be_refund_id(refund_id)
+    ):
+        raise InvalidCursor("cursor is not one this service returned")
+    return position, refund_id
 
 
 def list_refunds(
