@@ -1,5 +1,406 @@
-"""Placeholder blueprint; filled in by its owner."""
+"""GET /openapi.json: the OpenAPI 3.1 description of every endpoint (SPEC 3.6).
 
-from flask import Blueprint
+Written out rather than generated: the published contract is the seed's page plus the
+rules of SPEC 3, and reads best as one document. Its limits come from the same
+constants the request models use, and tests check that the models, the live answers
+and this document agree. Scope names come from the settings, so the document says
+what this deployment actually requires.
+"""
+
+from __future__ import annotations
+
+from typing import Any, get_args
+
+from flask import Blueprint, Response, jsonify
+
+from api import REQUEST_ID_MAX
+from api.refunds import IDEMPOTENCY_KEY_MAX
+from api.schemas import (
+    CHARGE_ID_MAX,
+    CURSOR_MAX,
+    LIST_LIMIT_DEFAULT,
+    LIST_LIMIT_MAX,
+    MAX_SAFE_INTEGER,
+    NO_NUL_PATTERN,
+    PRINTABLE_PATTERN,
+    REASON_MAX,
+    RefundStatusName,
+)
+from shared.config import Settings, get_settings
 
 bp = Blueprint("openapi", __name__)
+
+JSON = "application/json"
+STATUSES = list(get_args(RefundStatusName))
+
+
+@bp.get("/openapi.json")
+def openapi_json() -> Response:
+    return jsonify(build_document(get_settings()))
+
+
+def _ref(kind: str, name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {JSON: {"schema": schema}}
+
+
+def _error(description: str, **extra_headers: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "description": description,
+        "headers": {"X-Request-Id": _ref("headers", "X-Request-Id"), **extra_headers},
+        "content": _json(_ref("schemas", "Error")),
+    }
+
+
+def _ok(description: str, content: dict[str, Any], **headers: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "description": description,
+        "headers": {"X-Request-Id": _ref("headers", "X-Request-Id"), **headers},
+        "content": content,
+    }
+
+
+def _auth_errors(scope: str) -> dict[str, Any]:
+    return {
+        "401": _ref("responses", "Unauthorized"),
+        "403": _error(f"The token lacks the `{scope}` scope. `error`: `forbidden`."),
+        "500": _ref("responses", "InternalError"),
+        "503": _error(
+            "Token keys (JWKS) cannot be fetched right now; retry later. `error`: `unavailable`."
+        ),
+    }
+
+
+def _schemas() -> dict[str, Any]:
+    printable_id = {"type": "string", "minLength": 1, "maxLength": CHARGE_ID_MAX,
+                    "pattern": PRINTABLE_PATTERN}
+    timestamp = {"type": "string", "format": "date-time"}
+    initiated_props: dict[str, Any] = {
+        "refund_id": {"type": "string", "description": "This service's refund id (`rf_…`)."},
+        "payment_id": {"type": "string", "description": "This service's payment id."},
+        "charge_id": {"type": ["string", "null"],
+                      "description": "Stripe charge id; null when the payment has no charge."},
+        "amount_cents": {"type": "integer", "description":
+                         "The amount actually being refunded (the remainder for `full`)."},
+        "status": {"type": "string", "enum": STATUSES},
+        "stripe_refund_id": {"type": "string", "description": '`""` until Stripe has answered.'},
+    }
+    refund_props = {
+        **initiated_props,
+        "currency": {"type": "string", "description": "ISO currency code, lower case."},
+        "reason": {"type": ["string", "null"]},
+        "failure_reason": {"type": ["string", "null"]},
+        "initiated_by": {"type": "string", "description": "The `sub` of the initiating token."},
+        "created_at": timestamp,
+        "updated_at": timestamp,
+        "attempts": {"type": "integer", "minimum": 0},
+    }
+    return {
+        "RefundCreate": {
+            "type": "object",
+            "description": 'Give exactly one of `amount_cents` or `"full": true`.',
+            "additionalProperties": False,
+            "properties": {
+                "charge_id": {
+                    **printable_id,
+                    "description": "A Stripe charge id (`ch_…`/`py_…`), a PaymentIntent id "
+                                   "(`pi_…`) or this service's payment id.",
+                },
+                "amount_cents": {"type": "integer", "exclusiveMinimum": 0,
+                                 "maximum": MAX_SAFE_INTEGER,
+                                 "description": "In the currency's smallest unit."},
+                "full": {"type": "boolean",
+                         "description": "`true` refunds everything still left on the payment."},
+                "reason": {
+                    "type": ["string", "null"], "maxLength": REASON_MAX,
+                    "pattern": NO_NUL_PATTERN,
+                    "description": "`duplicate`, `fraudulent` or `requested_by_customer` are "
+                                   "passed to Stripe as its reason; any text is kept and sent "
+                                   "in the Stripe refund's metadata.",
+                },
+            },
+            "required": ["charge_id"],
+            "oneOf": [
+                {"required": ["amount_cents"],
+                 "not": {"required": ["full"], "properties": {"full": {"const": True}}}},
+                {"required": ["full"], "properties": {"full": {"const": True}},
+                 "not": {"required": ["amount_cents"]}},
+            ],
+        },
+        "RefundInitiated": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": initiated_props,
+            "required": list(initiated_props),
+        },
+        "RefundEvent": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "from_status": {"type": ["string", "null"], "enum": [*STATUSES, None]},
+                "to_status": {"type": "string", "enum": STATUSES},
+                "actor": {"type": "string", "description": "A user's `sub`, `worker`, "
+                          "`reconciler`, `webhook` or `stripe`."},
+                "detail": {"type": ["object", "null"]},
+                "created_at": timestamp,
+            },
+            "required": ["from_status", "to_status", "actor", "detail", "created_at"],
+        },
+        "RefundSummary": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": refund_props,
+            "required": list(refund_props),
+        },
+        "Refund": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                **refund_props,
+                "events": {"type": "array", "items": _ref("schemas", "RefundEvent"),
+                           "description": "The audit trail, oldest first."},
+            },
+            "required": [*refund_props, "events"],
+        },
+        "RefundList": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "data": {"type": "array", "items": _ref("schemas", "RefundSummary"),
+                         "description": "Newest first."},
+                "has_more": {"type": "boolean"},
+                "next_cursor": {"type": ["string", "null"],
+                                "description": "Pass as `cursor` for the next page."},
+            },
+            "required": ["data", "has_more", "next_cursor"],
+        },
+        "Error": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "error": {"type": "string", "description": "A machine code."},
+                "message": {"type": "string", "description": "A sentence a person can act on."},
+            },
+            "required": ["error", "message"],
+        },
+        "NotReady": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "error": {"type": "string", "const": "unavailable"},
+                "message": {"type": "string"},
+                "down": {"type": "array", "items": {"type": "string",
+                                                    "enum": ["database", "broker"]}},
+            },
+            "required": ["error", "message", "down"],
+        },
+        "Status": {
+            "type": "object",
+            "properties": {"status": {"type": "string"}},
+            "required": ["status"],
+        },
+    }
+
+
+def _list_parameters() -> list[dict[str, Any]]:
+    printable_id = {"type": "string", "minLength": 1, "maxLength": CHARGE_ID_MAX,
+                    "pattern": PRINTABLE_PATTERN}
+    return [
+        {"name": "limit", "in": "query", "schema": {
+            "type": "integer", "minimum": 1, "maximum": LIST_LIMIT_MAX,
+            "default": LIST_LIMIT_DEFAULT}},
+        {"name": "cursor", "in": "query", "description": "A `next_cursor` from an earlier page.",
+         "schema": {"type": "string", "minLength": 1, "maxLength": CURSOR_MAX}},
+        {"name": "charge_id", "in": "query", "schema": printable_id},
+        {"name": "payment_id", "in": "query", "schema": printable_id},
+        {"name": "status", "in": "query", "schema": {"type": "string", "enum": STATUSES}},
+        {"name": "initiated_by", "in": "query", "schema": printable_id},
+    ]
+
+
+def _paths(settings: Settings) -> dict[str, Any]:
+    write, read = settings.refunds_write_scope, settings.refunds_read_scope
+    request_id = _ref("parameters", "X-Request-Id")
+    return {
+        "/v1/admin/refunds": {
+            "post": {
+                "operationId": "createRefund",
+                "summary": "Initiate a refund (completes asynchronously)",
+                "description": "Checks, in this order: token (401), scope (403), body (422 "
+                               "`validation_error`), Idempotency-Key reuse (422 "
+                               "`idempotency_key_reused`), charge or payment (404), its status "
+                               "(412), dispute (409 `charge_disputed`), anything left (409 "
+                               "`already_refunded`), amount (422 `amount_exceeds_refundable`).",
+                "security": [{"bearerAuth": [write]}],
+                "parameters": [_ref("parameters", "Idempotency-Key"), request_id],
+                "requestBody": {"required": True,
+                                "content": _json(_ref("schemas", "RefundCreate"))},
+                "responses": {
+                    "201": _ok(
+                        "Refund initiated (status `pending`), or the first answer replayed for "
+                        "a repeated Idempotency-Key.",
+                        _json(_ref("schemas", "RefundInitiated")),
+                        Location={"required": True, "schema": {"type": "string"},
+                                  "description": "`/v1/admin/refunds/<refund_id>`"},
+                        **{"Idempotent-Replayed": {
+                            "schema": {"type": "string", "enum": ["true"]},
+                            "description": "Present on a replayed answer."}},
+                    ),
+                    **_auth_errors(write),
+                    "404": _error("Charge or payment not found. `error`: `not_found`."),
+                    "409": _error("Already refunded (`already_refunded`) or the charge is "
+                                  "disputed (`charge_disputed`)."),
+                    "412": _error("Payment not succeeded. `error`: `payment_not_succeeded`."),
+                    "413": _ref("responses", "TooLarge"),
+                    "422": _error("Validation error: `validation_error`, "
+                                  "`idempotency_key_reused` or `amount_exceeds_refundable` "
+                                  "(the message says how much is left)."),
+                },
+            },
+            "get": {
+                "operationId": "listRefunds",
+                "summary": "List refunds, newest first",
+                "description": "Unknown or repeated query parameters are rejected with 422.",
+                "security": [{"bearerAuth": [read]}],
+                "parameters": [*_list_parameters(), request_id],
+                "responses": {
+                    "200": _ok("A page of refunds.", _json(_ref("schemas", "RefundList"))),
+                    **_auth_errors(read),
+                    "422": _error("Bad filter, limit or cursor. `error`: `validation_error`."),
+                },
+            },
+        },
+        "/v1/admin/refunds/{refund_id}": {
+            "get": {
+                "operationId": "getRefund",
+                "summary": "One refund with its audit trail",
+                "security": [{"bearerAuth": [read]}],
+                "parameters": [
+                    {"name": "refund_id", "in": "path", "required": True,
+                     "schema": {"type": "string"}},
+                    request_id,
+                ],
+                "responses": {
+                    "200": _ok("The refund.", _json(_ref("schemas", "Refund"))),
+                    **_auth_errors(read),
+                    "404": _error("No refund has that id. `error`: `not_found`."),
+                },
+            },
+        },
+        "/v1/webhooks/stripe": {
+            "post": {
+                "operationId": "receiveStripeWebhook",
+                "summary": "Stripe events (authenticated by signature, not by token)",
+                "security": [],
+                "parameters": [
+                    {"name": "Stripe-Signature", "in": "header", "required": True,
+                     "description": "Checked against STRIPE_WEBHOOK_SECRET, 300 s tolerance.",
+                     "schema": {"type": "string"}},
+                    request_id,
+                ],
+                "requestBody": {"required": True,
+                                "content": _json({"type": "object",
+                                                  "description": "A Stripe event."})},
+                "responses": {
+                    "200": _ok("Event handled, or already seen and ignored.",
+                               _json({"type": "object"})),
+                    "400": _error("Bad or missing signature, or not a Stripe event; "
+                                  "nothing changed."),
+                    "413": _ref("responses", "TooLarge"),
+                    "500": _ref("responses", "InternalError"),
+                },
+            },
+        },
+        "/healthz": {
+            "get": {
+                "operationId": "healthz", "summary": "The process is alive", "security": [],
+                "responses": {"200": _ok("Alive.", _json(_ref("schemas", "Status")))},
+            },
+        },
+        "/readyz": {
+            "get": {
+                "operationId": "readyz", "summary": "Database and broker reachable",
+                "security": [],
+                "responses": {
+                    "200": _ok("Ready.", _json(_ref("schemas", "Status"))),
+                    "503": {"description": "Not ready.",
+                            "headers": {"X-Request-Id": _ref("headers", "X-Request-Id")},
+                            "content": _json(_ref("schemas", "NotReady"))},
+                },
+            },
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "summary": "Prometheus metrics (for the internal network)",
+                "security": [],
+                "responses": {"200": _ok("Prometheus text exposition format.",
+                                         {"text/plain": {"schema": {"type": "string"}}})},
+            },
+        },
+        "/openapi.json": {
+            "get": {
+                "operationId": "openapi", "summary": "This document", "security": [],
+                "responses": {"200": _ok("OpenAPI 3.1.", _json({"type": "object"}))},
+            },
+        },
+    }
+
+
+def build_document(settings: Settings) -> dict[str, Any]:
+    write, read = settings.refunds_write_scope, settings.refunds_read_scope
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Refund service",
+            "version": "1.0.0",
+            "description": "Refunds of card payments taken through Stripe. Every response "
+                           'body is JSON; every error is `{"error", "message"}`.',
+        },
+        "paths": _paths(settings),
+        "components": {
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": "JWT",
+                    "description": f"HS256 or RS256 (JWKS) JWT with `exp` and `sub`. Scopes in "
+                                   f"`scope` (space-separated) or `scp`/`scopes` (lists): "
+                                   f"`{write}` to create refunds, `{read}` to read them.",
+                },
+            },
+            "schemas": _schemas(),
+            "parameters": {
+                "Idempotency-Key": {
+                    "name": "Idempotency-Key", "in": "header",
+                    "description": "Per caller (`sub`), kept 24 h: the same key and body "
+                                   "replay the first answer; another body is 422.",
+                    "schema": {"type": "string", "minLength": 1,
+                               "maxLength": IDEMPOTENCY_KEY_MAX, "pattern": r"^[\x20-\x7e]+$"},
+                },
+                "X-Request-Id": {
+                    "name": "X-Request-Id", "in": "header",
+                    "description": f"Echoed back when it is 1 to {REQUEST_ID_MAX} printable "
+                                   "ASCII characters, otherwise replaced by a generated id.",
+                    "schema": {"type": "string"},
+                },
+            },
+            "headers": {
+                "X-Request-Id": {"required": True, "schema": {"type": "string"},
+                                 "description": "The request's id, to quote in reports."},
+                "WWW-Authenticate": {"required": True, "schema": {"type": "string"}},
+            },
+            "responses": {
+                "Unauthorized": _error(
+                    "Missing, malformed, expired or untrusted token. `error`: `unauthorized`.",
+                    **{"WWW-Authenticate": _ref("headers", "WWW-Authenticate")},
+                ),
+                "TooLarge": _error("The body is too large. `error`: `request_too_large`."),
+                "InternalError": _error("Unexpected failure; the message quotes the request id."
+                                        " `error`: `internal_error`."),
+            },
+        },
+    }
