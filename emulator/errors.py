@@ -48,9 +48,11 @@ class StripeError(Exception):
         return {"error": error}
 
 
-def invalid(message: str, *, code: Optional[str] = None, param: Optional[str] = None, status: int = 400) -> StripeError:
+def invalid(
+    message: str, *, code: Optional[str] = None, param: Optional[str] = None, status: int = 400, **extra: Any
+) -> StripeError:
     """A request the endpoint refused after it began executing (saved for idempotency)."""
-    return StripeError(status, message, code=code, param=param)
+    return StripeError(status, message, code=code, param=param, **extra)
 
 
 def param_error(message: str, *, code: Optional[str] = None, param: Optional[str] = None) -> StripeError:

@@ -382,6 +382,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "stripe-emulator"
     sys_version = ""
     timeout = 300  # idle keep-alive connections are closed after this
+    disable_nagle_algorithm = True  # headers and body go out in separate writes
     server: "EmulatorServer"
 
     def do_GET(self) -> None:
