@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=64 * 1024, gt=0)
     flower_basic_auth: str | None = None
     log_level: str = "INFO"
+    worker_metrics_port: int = Field(default=9808, ge=0, le=65535)  # 0: the worker serves no metrics
 
     # The operators' console (/console): session cookies are signed with this key.
     console_secret_key: str = DEV_CONSOLE_SECRET
