@@ -1,10 +1,13 @@
 """The emulator's HTTP server: Stripe's ``/v1`` API plus the ``/_emulator`` admin API.
 
-Stripe API requests go through, in order: request counting, injected latency,
-the rate limiter, ``fail_next`` and ``timeout_next`` faults, authentication,
-the idempotency layer, the endpoint itself (under the store's lock), and
-finally ``drop_after_apply_next``, which closes the connection after the
-request was applied and its answer saved for idempotent replay.
+Stripe API requests go through, in order: request counting, the rate limiter,
+``fail_next`` and ``timeout_next`` faults, authentication, the idempotency
+layer, the endpoint itself (under the store's lock), and finally
+``drop_after_apply_next``, which closes the connection after the request was
+applied and its answer saved for idempotent replay. Injected latency is slept
+once per request: after the idempotency key is claimed (so it widens the
+window in which a concurrent request with the same key gets 409), or before
+answering a request refused earlier.
 
 ``serve()`` runs a server in the foreground; ``create_server()`` returns one to
 run however the caller likes (``serve_forever`` in a thread, say).
@@ -177,12 +180,16 @@ class EmulatorApp:
         version = headers.get("Stripe-Version") or API_VERSION
         base_headers = {"Request-Id": request_id, "Stripe-Version": version}
 
+        latency = self.faults.latency()
+
+        def nap() -> None:
+            if latency:
+                time.sleep(latency)
+
         def error(exc: StripeError, extra: Optional[dict[str, str]] = None) -> Response:
+            nap()
             return Response(exc.status, _json(exc.body()), {**base_headers, **exc.headers, **(extra or {})})
 
-        latency = self.faults.latency()
-        if latency:
-            time.sleep(latency)
         if not self.faults.take_rate_token():
             self.stats.count("rate_limited")
             return error(_rate_limit_error())
@@ -218,6 +225,7 @@ class EmulatorApp:
             except StripeError as exc:
                 self.stats.count("idempotency_key_in_use" if exc.status == 409 else "idempotency_errors")
                 return error(exc, extra_headers)
+            nap()
             if not fresh:
                 self.stats.count("idempotent_replays")
                 answer: Answer = Response(
@@ -232,7 +240,8 @@ class EmulatorApp:
                     },
                 )
                 return self._maybe_drop(method, path, answer)
-
+        else:
+            nap()
         ctx = RequestContext(request_id=request_id, idempotency_key=idempotency_key)
         result_headers: dict[str, str] = {}
         try:
