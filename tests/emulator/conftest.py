@@ -32,6 +32,7 @@ def _clean(emu: EmulatorProcess) -> Iterator[None]:
         failing_refund_delay=REFUND_DELAY,
         idempotency_ttl=86400,
         webhook_retry_base=0.5,
+        webhook_max_attempts=5,
     )
 
 
