@@ -2,43 +2,41 @@
 
 from __future__ import annotations
 
-
 import httpx
 import pytest
 from sqlalchemy import select
 
 from shared.models import Refund, RefundEvent
+from tests.api.helpers import REFUNDS as PATH
+from tests.api.helpers import assert_error
 from tests.support import auth, seed_payment, table_counts
 
-PATH = "/v1/admin/refunds"
 
-
-@pytest.fixture
-def client(api_url: str):  # noqa: ANN201
-    with httpx.Client(base_url=api_url, timeout=10) as c:
-        yield c
-
-
-def post(client: httpx.Client, settings, body, **kwargs) -> httpx.Response:  # noqa: ANN001
+def post(client: httpx.Client, settings, body, **kwargs) -> httpx.Response:
     headers = {**auth(settings), **kwargs.pop("headers", {})}
     return client.post(PATH, json=body, headers=headers, **kwargs)
 
 
-def assert_error(resp: httpx.Response, status: int, code: str) -> dict:
-    assert resp.status_code == status, resp.text
-    body = resp.json()
-    assert set(body) == {"error", "message"}
-    assert body["error"] == code
-    assert body["message"]
-    return body
-
-
-def test_partial_refund_is_initiated_pending_with_seed_fields(client, settings, db) -> None:
+def test_partial_refund_is_initiated_pending_with_seed_fields(
+    client, settings, db, contract
+) -> None:
     payment, charge = seed_payment(db, amount=5000)
-    resp = post(client, settings, {"charge_id": charge.id, "amount_cents": 1200, "reason": "requested_by_customer"})
+    resp = post(
+        client,
+        settings,
+        {"charge_id": charge.id, "amount_cents": 1200, "reason": "requested_by_customer"},
+    )
     assert resp.status_code == 201, resp.text
+    contract.check(resp, "POST", PATH)
     body = resp.json()
-    assert set(body) == {"refund_id", "payment_id", "charge_id", "amount_cents", "status", "stripe_refund_id"}
+    assert set(body) == {
+        "refund_id",
+        "payment_id",
+        "charge_id",
+        "amount_cents",
+        "status",
+        "stripe_refund_id",
+    }
     assert body["payment_id"] == payment.id
     assert body["charge_id"] == charge.id
     assert body["amount_cents"] == 1200
@@ -49,7 +47,9 @@ def test_partial_refund_is_initiated_pending_with_seed_fields(client, settings, 
     assert refund.status == "pending" and refund.initiated_by == "ops@example.com"
     assert refund.currency == "usd"
     events = db.scalars(select(RefundEvent).where(RefundEvent.refund_id == refund.id)).all()
-    assert [(e.from_status, e.to_status, e.actor) for e in events] == [(None, "pending", "ops@example.com")]
+    assert [(e.from_status, e.to_status, e.actor) for e in events] == [
+        (None, "pending", "ops@example.com")
+    ]
 
 
 def test_full_refund_takes_what_is_left(client, settings, db) -> None:
@@ -83,32 +83,46 @@ def test_unknown_charge_is_404(client, settings, db) -> None:
     assert table_counts(db) == before
 
 
-@pytest.mark.parametrize(("status", "charge_status"), [("requires_payment_method", "failed"), ("succeeded", "pending")])
+@pytest.mark.parametrize(
+    ("status", "charge_status"), [("requires_payment_method", "failed"), ("succeeded", "pending")]
+)
 def test_not_succeeded_payment_is_412(client, settings, db, status, charge_status) -> None:
     _, charge = seed_payment(db, status=status, charge_status=charge_status)
     before = table_counts(db)
-    assert_error(post(client, settings, {"charge_id": charge.id, "full": True}), 412, "payment_not_succeeded")
+    assert_error(
+        post(client, settings, {"charge_id": charge.id, "full": True}), 412, "payment_not_succeeded"
+    )
     assert table_counts(db) == before
 
 
 def test_disputed_charge_is_409(client, settings, db) -> None:
     _, charge = seed_payment(db, disputed=True)
-    assert_error(post(client, settings, {"charge_id": charge.id, "full": True}), 409, "charge_disputed")
+    assert_error(
+        post(client, settings, {"charge_id": charge.id, "full": True}), 409, "charge_disputed"
+    )
 
 
 def test_nothing_left_is_409_already_refunded(client, settings, db) -> None:
     _, charge = seed_payment(db, amount=700)
     assert post(client, settings, {"charge_id": charge.id, "full": True}).status_code == 201
     before = table_counts(db)
-    assert_error(post(client, settings, {"charge_id": charge.id, "full": True}), 409, "already_refunded")
-    assert_error(post(client, settings, {"charge_id": charge.id, "amount_cents": 1}), 409, "already_refunded")
+    assert_error(
+        post(client, settings, {"charge_id": charge.id, "full": True}), 409, "already_refunded"
+    )
+    assert_error(
+        post(client, settings, {"charge_id": charge.id, "amount_cents": 1}), 409, "already_refunded"
+    )
     assert table_counts(db) == before
 
 
 def test_amount_above_what_is_left_is_422_and_says_how_much_is_left(client, settings, db) -> None:
     _, charge = seed_payment(db, amount=1000)
     assert post(client, settings, {"charge_id": charge.id, "amount_cents": 600}).status_code == 201
-    body = assert_error(post(client, settings, {"charge_id": charge.id, "amount_cents": 401}), 422, "amount_exceeds_refundable")
+    body = assert_error(
+        post(client, settings, {"charge_id": charge.id, "amount_cents": 401}),
+        422,
+        "amount_exceeds_refundable",
+    )
     assert "400" in body["message"]
 
 
@@ -139,6 +153,8 @@ BAD_BODIES = [
     ("negative", {"charge_id": "ch_x", "amount_cents": -5}),
     ("above 2^53", {"charge_id": "ch_x", "amount_cents": 2**53 + 1}),
     ("yes is not bool", {"charge_id": "ch_x", "full": "yes"}),
+    ("null amount with full", {"charge_id": "ch_x", "amount_cents": None, "full": True}),
+    ("null full with amount", {"charge_id": "ch_x", "amount_cents": 5, "full": None}),
     ("empty charge", {"charge_id": "", "full": True}),
     ("long charge", {"charge_id": "c" * 256, "full": True}),
     ("nul in charge", {"charge_id": "ch_\u0000", "full": True}),
@@ -149,18 +165,23 @@ BAD_BODIES = [
 
 
 @pytest.mark.parametrize(("case", "body"), BAD_BODIES, ids=[c for c, _ in BAD_BODIES])
-def test_bad_bodies_are_422_and_write_nothing(client, settings, db, case, body) -> None:
+def test_bad_bodies_are_422_and_write_nothing(client, settings, db, contract, case, body) -> None:
     before = table_counts(db)
     if isinstance(body, bytes):
-        resp = client.post(PATH, content=body, headers={**auth(settings), "Content-Type": "application/json"})
+        resp = client.post(
+            PATH, content=body, headers={**auth(settings), "Content-Type": "application/json"}
+        )
     else:
         resp = post(client, settings, body)
     assert_error(resp, 422, "validation_error")
+    contract.check(resp, "POST", PATH)
     assert table_counts(db) == before
 
 
 def test_validation_message_names_the_field(client, settings) -> None:
-    body = assert_error(post(client, settings, {"charge_id": "ch_x", "amount": 5}), 422, "validation_error")
+    body = assert_error(
+        post(client, settings, {"charge_id": "ch_x", "amount": 5}), 422, "validation_error"
+    )
     assert "amount" in body["message"]
 
 
@@ -194,6 +215,9 @@ def test_unknown_route_and_wrong_method_are_json(client) -> None:
 
 def test_unique_ids_per_request(client, settings, db) -> None:
     _, charge = seed_payment(db, amount=1000)
-    ids = {post(client, settings, {"charge_id": charge.id, "amount_cents": 10}).json()["refund_id"] for _ in range(3)}
+    ids = {
+        post(client, settings, {"charge_id": charge.id, "amount_cents": 10}).json()["refund_id"]
+        for _ in range(3)
+    }
     assert len(ids) == 3
     assert all(i.startswith("rf_") for i in ids)
