@@ -40,6 +40,16 @@ def make_celery() -> Celery:
         task_time_limit=TASK_TIME_LIMIT_SECONDS,
         task_send_sent_event=True,
         worker_send_task_events=True,
+        # Refund tasks wait on Stripe and Postgres, not the CPU: threads. Each task
+        # opens its own DB connection and the Stripe client keeps one HTTP session per
+        # thread, so nothing mutable is shared between them. (The threads pool cannot
+        # enforce the time limits above; the Stripe HTTP timeout and Postgres'
+        # statement_timeout bound every call instead.)
+        worker_pool="threads",
+        worker_concurrency=settings.worker_concurrency,
+        # If the broker connection drops, running late-ack tasks will be redelivered:
+        # stop them rather than finish them twice.
+        worker_cancel_long_running_tasks_on_connection_loss=True,
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             # Redis redelivers unacked messages after this; it must exceed the longest
@@ -78,6 +88,8 @@ def enqueue_refund(refund_id: str) -> bool:
             retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
         )
     except Exception:
-        log.exception("enqueue failed; the reconciler will pick the refund up", extra={"refund_id": refund_id})
+        log.exception(
+            "enqueue failed; the reconciler will pick the refund up", extra={"refund_id": refund_id}
+        )
         return False
     return True

@@ -1,23 +1,95 @@
 """The one adapter to Stripe. Real Stripe by default; the project's emulator when
-STRIPE_API_BASE points at it. Everything else talks to Stripe through this class."""
+STRIPE_API_BASE points at it. Everything else talks to Stripe through this class.
+
+Every request first takes a token from the shared rate limiter (SPEC 6), and
+``classify_error`` is the one place that decides what a Stripe error means for a refund.
+"""
 
 from __future__ import annotations
 
+import enum
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import stripe
 
 from shared.config import Settings, get_settings
+from shared.rate_limit import RateLimited, get_limiter
 
 # Stripe sends these as `reason`; any other text travels in metadata only.
 STRIPE_REFUND_REASONS = frozenset({"duplicate", "fraudulent", "requested_by_customer"})
 PAGE_SIZE = 100
 
 
+class ErrorKind(enum.StrEnum):
+    #: Outcome unknown or Stripe busy (network, timeout, 429, 409, 5xx): try again later.
+    TRANSIENT = "transient"
+    #: Stripe refused this request for good (400, 402, 404): the refund fails.
+    DEFINITE = "definite"
+    #: Our key is wrong or lacks a permission: retrying cannot help, a person must act.
+    AUTH = "auth"
+    #: The idempotency key was used with other parameters: a bug on our side, and a
+    #: refund may exist at Stripe, so it must not be failed either.
+    KEY_CONFLICT = "key_conflict"
+
+
+@dataclass(frozen=True)
+class StripeFailure:
+    kind: ErrorKind
+    code: str | None
+    message: str
+    http_status: int | None = None
+    retry_after: float | None = None
+
+    def describe(self) -> str:
+        """``code: message``, as stored in ``failure_reason`` / ``last_error``."""
+        return f"{self.code or self.http_status or self.kind}: {self.message}"[:500]
+
+
+def classify_error(exc: Exception) -> StripeFailure:
+    """What a Stripe error (or our own rate limiter) means for the refund being sent."""
+    if isinstance(exc, RateLimited):
+        return StripeFailure(ErrorKind.TRANSIENT, "rate_limited", exc.user_message or "", None,
+                             exc.retry_after)
+    if not isinstance(exc, stripe.StripeError):
+        raise TypeError(f"not a Stripe error: {type(exc).__name__}")
+    status = exc.http_status
+    code = exc.code
+    message = (exc.user_message or type(exc).__name__).strip()
+    if isinstance(exc, stripe.APIConnectionError) or status is None:
+        # The request may or may not have reached Stripe: unknown, never definite.
+        return StripeFailure(ErrorKind.TRANSIENT, code or "connection_error", message, status)
+    if status == 429 or isinstance(exc, stripe.RateLimitError):
+        return StripeFailure(ErrorKind.TRANSIENT, code or "rate_limit", message, status,
+                             _retry_after(exc))
+    if status >= 500 or status == 409:
+        # 409: the same key is in flight elsewhere, or Stripe's object lock timed out.
+        return StripeFailure(ErrorKind.TRANSIENT, code or f"http_{status}", message, status)
+    if status in (401, 403):
+        return StripeFailure(ErrorKind.AUTH, code or "authentication_error", message, status)
+    if isinstance(exc, stripe.IdempotencyError):
+        return StripeFailure(ErrorKind.KEY_CONFLICT, code or "idempotency_error", message, status)
+    return StripeFailure(ErrorKind.DEFINITE, code or "invalid_request_error", message, status)
+
+
+def _retry_after(exc: stripe.StripeError) -> float | None:
+    value = (exc.headers or {}).get("Retry-After") or (exc.headers or {}).get("retry-after")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+#: Errors ``classify_error`` understands: what callers of this gateway catch.
+GATEWAY_ERRORS = (stripe.StripeError,)
+
+
 class StripeGateway:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, throttle: Callable[[], None] | None = None) -> None:
+        #: Called before every request; by default the shared limiter.
+        self._throttle = throttle if throttle is not None else get_limiter().acquire
         base = {"api": settings.stripe_api_base} if settings.stripe_api_base else None
         self._client = stripe.StripeClient(
             settings.stripe_api_key,
@@ -49,9 +121,11 @@ class StripeGateway:
             params["reason"] = reason
         elif reason:
             params["metadata"]["reason"] = reason[:500]
+        self._throttle()
         return self._client.v1.refunds.create(params, {"idempotency_key": idempotency_key})  # type: ignore[arg-type]
 
     def retrieve_refund(self, stripe_refund_id: str) -> stripe.Refund:
+        self._throttle()
         return self._client.v1.refunds.retrieve(stripe_refund_id)
 
     def iter_refunds(
@@ -62,7 +136,8 @@ class StripeGateway:
             params["charge"] = charge_id
         elif payment_intent_id is not None:
             params["payment_intent"] = payment_intent_id
-        return self._client.v1.refunds.list(params).auto_paging_iter()  # type: ignore[arg-type]
+        self._throttle()
+        return self._paged(self._client.v1.refunds.list(params))  # type: ignore[arg-type]
 
     def find_refund(
         self, *, refund_id: str, charge_id: str | None, payment_intent_id: str | None
@@ -76,16 +151,29 @@ class StripeGateway:
     # Payments in -------------------------------------------------------------
 
     def iter_payment_intents(self) -> Iterator[stripe.PaymentIntent]:
-        return self._client.v1.payment_intents.list({"limit": PAGE_SIZE}).auto_paging_iter()
+        self._throttle()
+        return self._paged(self._client.v1.payment_intents.list({"limit": PAGE_SIZE}))
 
     def iter_charges(self) -> Iterator[stripe.Charge]:
-        return self._client.v1.charges.list({"limit": PAGE_SIZE}).auto_paging_iter()
+        self._throttle()
+        return self._paged(self._client.v1.charges.list({"limit": PAGE_SIZE}))
 
     def retrieve_charge(self, charge_id: str) -> stripe.Charge:
+        self._throttle()
         return self._client.v1.charges.retrieve(charge_id)
 
     def retrieve_payment_intent(self, payment_intent_id: str) -> stripe.PaymentIntent:
+        self._throttle()
         return self._client.v1.payment_intents.retrieve(payment_intent_id)
+
+    def _paged(self, page: Any) -> Iterator[Any]:
+        """Every item of a list, one page at a time; each next page takes a token first."""
+        while True:
+            yield from page.data
+            if not page.has_more or not page.data:
+                return
+            self._throttle()
+            page = page.next_page()
 
 
 @functools.cache

@@ -1,0 +1,194 @@
+"""Reconciliation (SPEC 7): what beat runs every RECONCILE_INTERVAL_SECONDS.
+
+One pass:
+1. re-enqueues ``pending`` refunds nobody touched for STUCK_AFTER_SECONDS (a lost
+   message, a crashed worker, a flushed broker: the pending row is the outbox);
+2. asks Stripe about refunds it still holds as ``pending``/``requires_action`` (our
+   ``processing``/``requires_action``) and moves ours on;
+3. reports refunds unfinished for longer than STUCK_ALERT_SECONDS, at error level.
+
+A Postgres advisory lock makes passes exclusive across processes and machines, and
+rows are taken with ``SKIP LOCKED``, so a pass never waits behind other work.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from shared.celery_app import enqueue_refund
+from shared.config import get_settings
+from shared.db import get_engine, unit_of_work
+from shared.models import TERMINAL_STATUSES, Payment, Refund, RefundStatus
+from shared.rate_limit import RateLimited
+from shared.refund_updates import apply_stripe_refund
+from shared.stripe_gateway import GATEWAY_ERRORS, StripeGateway, classify_error, get_gateway
+
+log = logging.getLogger(__name__)
+
+ACTOR = "reconciler"
+#: Advisory lock key of "a reconcile pass is running".
+RECONCILE_LOCK = (7_310_002, 0)
+#: Rows handled per step and pass; the oldest first, the rest next pass.
+BATCH_SIZE = 500
+IN_FLIGHT = (RefundStatus.PROCESSING, RefundStatus.REQUIRES_ACTION)
+STUCK_IDS_REPORTED = 20
+
+
+def reconcile_once(
+    *,
+    gateway: StripeGateway | None = None,
+    enqueue: Callable[[str], bool] = enqueue_refund,
+) -> dict[str, Any]:
+    """Run one pass and return what it did (counts; ``skipped`` if another pass runs)."""
+    gateway = gateway or get_gateway()
+    with _pass_lock() as held:
+        if not held:
+            log.info("another reconcile pass is running; skipped")
+            return {"skipped": True}
+        requeued = _requeue_stuck_pending(enqueue)
+        polled, moved, errors = _poll_in_flight(gateway)
+        with unit_of_work() as session:
+            stuck = stuck_counts(session)
+            stuck_ids = stuck_refund_ids(session, limit=STUCK_IDS_REPORTED)
+    total_stuck = sum(stuck.values())
+    if total_stuck:
+        log.error(
+            "%d refunds unfinished for more than %ss",
+            total_stuck, int(get_settings().stuck_alert_seconds),
+            extra={"stuck": stuck, "refund_ids": stuck_ids},
+        )
+    summary = {
+        "skipped": False,
+        "reenqueued": requeued,
+        "polled": polled,
+        "moved": moved,
+        "poll_errors": errors,
+        "stuck": total_stuck,
+        "stuck_by_status": stuck,
+        "stuck_refund_ids": stuck_ids,
+    }
+    log.info("reconcile pass done", extra={"summary": summary})
+    return summary
+
+
+def stuck_counts(session: Session) -> dict[str, int]:
+    """Unfinished refunds older than STUCK_ALERT_SECONDS, by status (for metrics)."""
+    rows = session.execute(
+        select(Refund.status, func.count())
+        .where(_stuck_condition())
+        .group_by(Refund.status)
+    ).all()
+    return {status: int(count) for status, count in rows}
+
+
+def stuck_refund_ids(session: Session, *, limit: int) -> list[str]:
+    return list(
+        session.scalars(
+            select(Refund.id).where(_stuck_condition()).order_by(Refund.created_at).limit(limit)
+        )
+    )
+
+
+def _stuck_condition() -> Any:
+    # Age counts from creation: an attempt or a poll touches updated_at, not the
+    # customer's wait.
+    older = func.now() - timedelta(seconds=get_settings().stuck_alert_seconds)
+    return Refund.status.not_in(TERMINAL_STATUSES) & (Refund.created_at < older)
+
+
+@contextmanager
+def _pass_lock() -> Iterator[bool]:
+    with get_engine().connect() as connection:
+        held = bool(connection.scalar(select(func.pg_try_advisory_lock(*RECONCILE_LOCK))))
+        connection.commit()
+        try:
+            yield held
+        finally:
+            released = not held
+            if held:
+                try:
+                    released = bool(
+                        connection.scalar(select(func.pg_advisory_unlock(*RECONCILE_LOCK)))
+                    )
+                    connection.commit()
+                except Exception:
+                    log.exception("could not release the reconcile lock")
+            if not released:
+                connection.invalidate()  # closing the connection releases the lock
+
+
+def _requeue_stuck_pending(enqueue: Callable[[str], bool]) -> int:
+    older = func.now() - timedelta(seconds=get_settings().stuck_after_seconds)
+    with unit_of_work() as session:
+        ids = list(
+            session.scalars(
+                select(Refund.id)
+                .where(Refund.status == RefundStatus.PENDING, Refund.updated_at < older)
+                .order_by(Refund.updated_at)
+                .limit(BATCH_SIZE)
+                .with_for_update(skip_locked=True)
+            )
+        )
+        if not ids:
+            return 0
+        # Touch them so the next pass leaves them to the worker for another
+        # STUCK_AFTER_SECONDS instead of enqueueing them again and again.
+        session.execute(update(Refund).where(Refund.id.in_(ids)).values(updated_at=func.now()))
+        session.commit()
+    requeued = sum(1 for refund_id in ids if enqueue(refund_id))
+    log.info("re-enqueued stuck pending refunds", extra={"count": requeued, "taken": len(ids)})
+    return requeued
+
+
+def _poll_in_flight(gateway: StripeGateway) -> tuple[int, int, int]:
+    with unit_of_work() as session:
+        rows = session.execute(
+            select(Refund.id, Refund.status, Refund.stripe_refund_id, Refund.charge_id,
+                   Payment.stripe_payment_intent_id)
+            .join(Payment, Payment.id == Refund.payment_id)
+            .where(Refund.status.in_(IN_FLIGHT))
+            .order_by(Refund.updated_at)
+            .limit(BATCH_SIZE)
+            .with_for_update(of=Refund, skip_locked=True)
+        ).all()
+        if rows:
+            # Oldest-polled first next time, so a big backlog is covered in turns.
+            polled_ids = [r.id for r in rows]
+            session.execute(
+                update(Refund).where(Refund.id.in_(polled_ids)).values(updated_at=func.now())
+            )
+            session.commit()
+    polled = moved = errors = 0
+    for row in rows:
+        try:
+            if row.stripe_refund_id is not None:
+                stripe_refund = gateway.retrieve_refund(row.stripe_refund_id)
+            else:
+                stripe_refund = gateway.find_refund(
+                    refund_id=row.id, charge_id=row.charge_id,
+                    payment_intent_id=row.stripe_payment_intent_id,
+                )
+        except GATEWAY_ERRORS as exc:
+            errors += 1
+            log.warning("could not poll Stripe", extra={"refund_id": row.id,
+                                                        "error": classify_error(exc).describe()})
+            if isinstance(exc, RateLimited):
+                break  # the shared budget is spent: the rest waits for the next pass
+            continue
+        polled += 1
+        if stripe_refund is None:
+            log.error("in-flight refund unknown to Stripe", extra={"refund_id": row.id})
+            continue
+        with unit_of_work() as session:
+            apply_stripe_refund(session, stripe_refund, actor=ACTOR)
+            status = session.scalar(select(Refund.status).where(Refund.id == row.id))
+            session.commit()
+        moved += status != row.status
+    return polled, moved, errors

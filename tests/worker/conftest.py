@@ -1,0 +1,218 @@
+"""The whole refund pipeline as real processes, for the worker's tests.
+
+A Stripe emulator, a gunicorn (the API and the webhook endpoint) and a Celery worker
+(threads pool), all on this run's Postgres database and Redis database number. The
+emulator signs its webhooks with the service's secret and POSTs them to the gunicorn.
+Retries, reconciliation and the Stripe client timeout are made short through the
+same settings production uses, so every failure mode settles in seconds.
+
+The test process itself gets the same settings (``reconcile_once()`` and
+``enqueue_refund`` called here behave as in the worker).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from emulator.testing import Admin, EmulatorProcess
+from shared.celery_app import PROCESS_REFUND_TASK, REFUNDS_QUEUE
+from shared.models import Charge, Payment, Refund, RefundEvent, new_id
+from shared.refunds import RefundRequest, initiate_refund
+from tests.support import ServiceProcess, free_port, wait_for_http, web_process, worker_process
+
+#: Settings every process of the stack runs with (production defaults in brackets).
+FAST_SETTINGS = {
+    "RETRY_BASE_SECONDS": "0.2",  # [2]
+    "RETRY_MAX_SECONDS": "1",  # [300]
+    "MAX_ATTEMPTS": "4",  # [8]
+    "STRIPE_TIMEOUT_SECONDS": "2",  # [10]
+    "RECONCILE_INTERVAL_SECONDS": "1",  # [60]
+    "STUCK_AFTER_SECONDS": "2",  # [300]
+    "STRIPE_MAX_RPS": "500",  # [25]
+    "WORKER_CONCURRENCY": "4",  # [8]
+}
+#: How long the asynchronous test cards take at the emulator.
+CARD_DELAY = 1.0
+INITIATOR = "support@example.com"
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    api_url: str
+    emulator: EmulatorProcess
+    worker: ServiceProcess
+    log_dir: Path
+    _extra: list[ServiceProcess] = field(default_factory=list)
+
+    @property
+    def admin(self) -> Admin:
+        return self.emulator.admin
+
+    @property
+    def webhook_url(self) -> str:
+        return f"{self.api_url}/v1/webhooks/stripe"
+
+    def process(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None
+    ) -> ServiceProcess:
+        proc = ServiceProcess(name, argv, env or self.env, self.log_dir)
+        self._extra.append(proc)
+        return proc
+
+    def new_worker(self, name: str, env: dict[str, str] | None = None) -> ServiceProcess:
+        proc = worker_process(env or self.env, self.log_dir, name=name, concurrency=4)
+        self._extra.append(proc)
+        return proc
+
+    def stop_extra(self) -> None:
+        for proc in self._extra:
+            proc.stop()
+        self._extra.clear()
+
+
+@pytest.fixture(scope="module")
+def stack(service_env: dict[str, str], log_dir: Path) -> Iterator[Stack]:
+    web_port = free_port()
+    api_url = f"http://127.0.0.1:{web_port}"
+    with EmulatorProcess(
+        webhook_url=f"{api_url}/v1/webhooks/stripe",
+        webhook_secret=service_env["STRIPE_WEBHOOK_SECRET"],
+        pending_refund_delay=CARD_DELAY,
+        failing_refund_delay=CARD_DELAY,
+    ) as emulator:
+        env = {**service_env, **FAST_SETTINGS, "STRIPE_API_BASE": emulator.url}
+        web, _ = web_process(env, log_dir, workers=2, port=web_port)
+        worker = worker_process(env, log_dir, name="worker", concurrency=4)
+        with pytest.MonkeyPatch.context() as mp, web, worker:
+            for name, value in env.items():
+                mp.setenv(name, value)
+            _clear_caches()
+            wait_for_http(f"{api_url}/healthz", proc=web.proc)
+            stack = Stack(
+                env=env, api_url=api_url, emulator=emulator, worker=worker, log_dir=log_dir
+            )
+            try:
+                yield stack
+            finally:
+                stack.stop_extra()
+        _clear_caches()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_faults(stack: Stack) -> Iterator[None]:
+    stack.admin.clear_faults()
+    stack.admin.reset_stats()
+    yield
+    stack.admin.clear_faults()
+    stack.admin.config(webhook_url=stack.webhook_url)
+    stack.stop_extra()
+
+
+def _clear_caches() -> None:
+    from shared.celery_app import get_celery
+    from shared.config import get_settings
+    from shared.rate_limit import get_limiter
+    from shared.stripe_gateway import get_gateway
+
+    for cached in (get_settings, get_gateway, get_limiter, get_celery):
+        cached.cache_clear()
+
+
+# -- helpers used by the tests -------------------------------------------------------
+
+
+def seed_payments(
+    stack: Stack, db: Session, count: int, *, amount: int = 5_000,
+    payment_method: str = "pm_card_visa",
+) -> list[str]:
+    """Succeeded payments made at the emulator and stored as payments sync would."""
+    seeded = stack.admin.seed(count, amount=amount, payment_method=payment_method)
+    for pi_id, charge_id in zip(seeded["payment_intents"], seeded["charges"], strict=True):
+        payment = Payment(id=new_id("pay"), stripe_payment_intent_id=pi_id, amount=amount,
+                          currency="usd", status="succeeded")
+        db.add(payment)
+        db.flush()
+        db.add(Charge(id=charge_id, payment_id=payment.id, amount=amount, currency="usd",
+                      status="succeeded"))
+    db.commit()
+    return list(seeded["charges"])
+
+
+def initiate(db: Session, charge_id: str, amount: int | None = 1_000) -> str:
+    """A pending refund, committed, as the API records it (not enqueued)."""
+    result = initiate_refund(
+        session=db,
+        request=RefundRequest(charge_id=charge_id, amount_cents=amount, reason=None),
+        initiated_by=INITIATOR,
+        idempotency_key=None,
+        fingerprint="",
+    )
+    return result.refund_id
+
+
+def send_task(broker_url: str, refund_id: str) -> None:
+    """Publish ``refunds.process`` straight to a broker (several copies, other brokers)."""
+    app = Celery("tests", broker=broker_url)
+    app.conf.update(task_serializer="json", accept_content=["json"])
+    try:
+        app.send_task(PROCESS_REFUND_TASK, args=[refund_id], queue=REFUNDS_QUEUE)
+    finally:
+        app.close()
+
+
+def refunds_of(db: Session, ids: list[str]) -> dict[str, Refund]:
+    db.expire_all()
+    return {r.id: r for r in db.scalars(select(Refund).where(Refund.id.in_(ids)))}
+
+
+def wait_for(
+    predicate: Callable[[], Any], *, timeout: float, interval: float = 0.1, what: str = "condition"
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_for_statuses(
+    db: Session, ids: list[str], statuses: set[str] | str, *, timeout: float
+) -> dict[str, Refund]:
+    wanted = {statuses} if isinstance(statuses, str) else statuses
+
+    def done() -> dict[str, Refund] | None:
+        rows = refunds_of(db, ids)
+        finished = len(rows) == len(ids) and all(r.status in wanted for r in rows.values())
+        return rows if finished else None
+
+    try:
+        return wait_for(done, timeout=timeout, what=f"refunds to reach {sorted(wanted)}")
+    except AssertionError:
+        left = {i: r.status for i, r in refunds_of(db, ids).items() if r.status not in wanted}
+        raise AssertionError(f"not {sorted(wanted)} after {timeout}s: {left}") from None
+
+
+def stripe_refunds_per_id(stack: Stack, ids: list[str]) -> dict[str, int]:
+    """How many Stripe refunds the emulator holds for each of our refund ids."""
+    counts = stack.admin.stats()["refunds_by_metadata_refund_id"]
+    return {i: counts.get(i, 0) for i in ids}
+
+
+def trail(db: Session, refund_id: str) -> list[tuple[str | None, str, str]]:
+    rows = db.scalars(
+        select(RefundEvent).where(RefundEvent.refund_id == refund_id).order_by(RefundEvent.id)
+    )
+    return [(e.from_status, e.to_status, e.actor) for e in rows]
