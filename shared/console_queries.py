@@ -1,0 +1,358 @@
+"""What the operators' console shows and the one action it takes (issue 7).
+
+Every query here is bounded by an index of ``refunds`` (``(status, updated_at)``,
+``(created_at, id)``, ``payment_id``, ``charge_id``, ``initiated_by``) or of
+``refund_events`` (``refund_id``), so the pages cost the same on a hundred refunds
+as on millions: counts of finished refunds are taken over a recent window, not all
+of history. ``tests/console/test_console_scale.py`` checks the plans on 100,000 rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, literal_column, or_, select, tuple_
+from sqlalchemy.orm import Session
+
+from shared.celery_app import enqueue_refund
+from shared.errors import NotFound, RefundServiceError
+from shared.models import (
+    RELEASED_STATUSES,
+    TERMINAL_STATUSES,
+    Charge,
+    Payment,
+    Refund,
+    RefundEvent,
+    RefundStatus,
+)
+from shared.refunds import decode_cursor, encode_cursor
+from shared.transitions import record_event
+
+S = RefundStatus
+OPEN_STATUSES = (S.PENDING, S.PROCESSING, S.REQUIRES_ACTION)
+ALL_STATUSES = tuple(RefundStatus)
+#: Refunds a Stripe call may still be running for; past the alert threshold they are stuck.
+AWAITING_STRIPE = (S.PROCESSING, S.REQUIRES_ACTION)
+
+CHART_MINUTES = 60
+FINISHED_WINDOW = timedelta(hours=24)
+ERROR_WINDOW = timedelta(hours=1)
+STUCK_LIST_LIMIT = 50
+RECONCILE_ACTION = "reconcile_now"
+
+
+class RefundIsTerminal(RefundServiceError):
+    code = "refund_terminal"
+
+
+@dataclass(frozen=True)
+class MinuteBucket:
+    minute: datetime
+    initiated: int
+    succeeded: int
+    failed: int  # failed or canceled
+
+
+@dataclass(frozen=True)
+class StripeErrors:
+    """Refunds touched in the last hour, and how many of them met an error from Stripe."""
+
+    touched: int
+    failed: int  # a definite answer: Stripe declined or later failed the refund
+    retrying: int  # still open, with the last attempt's error (timeout, 5xx, 429...)
+    recovered: int  # finished without failing, after an attempt that errored
+
+    @property
+    def with_error(self) -> int:
+        return self.failed + self.retrying + self.recovered
+
+    @property
+    def rate(self) -> float | None:
+        return self.with_error / self.touched if self.touched else None
+
+
+@dataclass(frozen=True)
+class Overview:
+    now: datetime
+    open_counts: dict[str, int]
+    finished_counts: dict[str, int]  # over FINISHED_WINDOW
+    oldest_open: Refund | None
+    minutes: list[MinuteBucket]
+    stripe_errors: StripeErrors
+    stuck: list[Refund]
+    stuck_total: int
+    stuck_after: timedelta
+    stuck_alert: timedelta
+
+
+@dataclass(frozen=True)
+class RefundPage:
+    now: datetime
+    refunds: list[Refund]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class PaymentSummary:
+    payment: Payment
+    charge: Charge | None
+    refund_count: int
+    held: int  # amount of the payment's refunds that are not failed or canceled
+    refunded: int  # of which succeeded
+
+    @property
+    def left(self) -> int:
+        return max(self.payment.amount - self.held, 0)
+
+
+@dataclass(frozen=True)
+class RefundDetail:
+    now: datetime
+    refund: Refund
+    events: list[RefundEvent]
+    payment: PaymentSummary
+    stuck: bool
+
+
+def db_now(session: Session) -> datetime:
+    """The database's clock: ages and windows are measured against the rows' own clock."""
+    return session.execute(select(func.now())).scalar_one()
+
+
+def _stuck_condition(now: datetime, *, stuck_after: timedelta, stuck_alert: timedelta) -> Any:
+    # Two index ranges of (status, updated_at); SPEC 7's reconciler uses the same thresholds.
+    return or_(
+        and_(Refund.status == S.PENDING, Refund.updated_at < now - stuck_after),
+        and_(Refund.status.in_(AWAITING_STRIPE), Refund.updated_at < now - stuck_alert),
+    )
+
+
+def is_stuck(
+    refund: Refund, now: datetime, *, stuck_after: timedelta, stuck_alert: timedelta
+) -> bool:
+    if refund.status == S.PENDING:
+        return refund.updated_at < now - stuck_after
+    if refund.status in AWAITING_STRIPE:
+        return refund.updated_at < now - stuck_alert
+    return False
+
+
+def overview(
+    *, session: Session, stuck_after_seconds: float, stuck_alert_seconds: float
+) -> Overview:
+    now = db_now(session)
+    stuck_after = timedelta(seconds=stuck_after_seconds)
+    stuck_alert = timedelta(seconds=stuck_alert_seconds)
+    chart_start = now.replace(second=0, microsecond=0) - timedelta(minutes=CHART_MINUTES - 1)
+
+    open_counts = dict.fromkeys(OPEN_STATUSES, 0) | dict(
+        session.execute(
+            select(Refund.status, func.count())
+            .where(Refund.status.in_(OPEN_STATUSES))
+            .group_by(Refund.status)
+        ).all()
+    )
+    finished_counts = dict.fromkeys(TERMINAL_STATUSES, 0) | dict(
+        session.execute(
+            select(Refund.status, func.count())
+            .where(Refund.status.in_(TERMINAL_STATUSES), Refund.updated_at >= now - FINISHED_WINDOW)
+            .group_by(Refund.status)
+        ).all()
+    )
+
+    # Materialized so the plan takes the few open rows through the status index instead of
+    # walking the created_at index from the oldest refund of all until it meets an open one.
+    open_rows = (
+        select(Refund.id, Refund.created_at)
+        .where(Refund.status.in_(OPEN_STATUSES))
+        .cte("open_refunds")
+        .prefix_with("MATERIALIZED")
+    )
+    oldest_id = session.scalar(
+        select(open_rows.c.id).order_by(open_rows.c.created_at, open_rows.c.id).limit(1)
+    )
+    oldest_open = session.get(Refund, oldest_id) if oldest_id is not None else None
+
+    minute = literal_column("'minute'")
+    initiated = dict(
+        session.execute(
+            select(func.date_trunc(minute, Refund.created_at), func.count())
+            .where(Refund.created_at >= chart_start)
+            .group_by(func.date_trunc(minute, Refund.created_at))
+        ).all()
+    )
+    finished: dict[tuple[str, datetime], int] = {
+        (status, at): count
+        for status, at, count in session.execute(
+            select(Refund.status, func.date_trunc(minute, Refund.updated_at), func.count())
+            .where(Refund.status.in_(TERMINAL_STATUSES), Refund.updated_at >= chart_start)
+            .group_by(Refund.status, func.date_trunc(minute, Refund.updated_at))
+        ).tuples()
+    }
+    minutes = []
+    for i in range(CHART_MINUTES):
+        at = chart_start + timedelta(minutes=i)
+        minutes.append(
+            MinuteBucket(
+                minute=at,
+                initiated=initiated.get(at, 0),
+                succeeded=finished.get((S.SUCCEEDED, at), 0),
+                failed=finished.get((S.FAILED, at), 0) + finished.get((S.CANCELED, at), 0),
+            )
+        )
+
+    has_error = Refund.last_error.is_not(None)
+    touched, failed, retrying, recovered = session.execute(
+        select(
+            func.count(),
+            func.count().filter(Refund.status == S.FAILED),
+            func.count().filter(Refund.status.in_(OPEN_STATUSES), has_error),
+            func.count().filter(Refund.status.in_((S.SUCCEEDED, S.CANCELED)), has_error),
+        ).where(
+            # Naming every status lets the (status, updated_at) index serve the time range.
+            Refund.status.in_(ALL_STATUSES),
+            Refund.updated_at >= now - ERROR_WINDOW,
+        )
+    ).one()
+
+    stuck_where = _stuck_condition(now, stuck_after=stuck_after, stuck_alert=stuck_alert)
+    stuck = list(
+        session.scalars(
+            select(Refund).where(stuck_where).order_by(Refund.updated_at).limit(STUCK_LIST_LIMIT)
+        )
+    )
+    stuck_total = (
+        len(stuck)
+        if len(stuck) < STUCK_LIST_LIMIT
+        else session.execute(select(func.count()).where(stuck_where)).scalar_one()
+    )
+
+    return Overview(
+        now=now,
+        open_counts={str(k): v for k, v in open_counts.items()},
+        finished_counts={str(k): v for k, v in finished_counts.items()},
+        oldest_open=oldest_open,
+        minutes=minutes,
+        stripe_errors=StripeErrors(
+            touched=touched, failed=failed, retrying=retrying, recovered=recovered
+        ),
+        stuck=stuck,
+        stuck_total=stuck_total,
+        stuck_after=stuck_after,
+        stuck_alert=stuck_alert,
+    )
+
+
+def list_refunds(
+    *,
+    session: Session,
+    limit: int,
+    cursor: str | None = None,
+    status: str | None = None,
+    charge_id: str | None = None,
+    payment_id: str | None = None,
+    initiated_by: str | None = None,
+) -> RefundPage:
+    """Newest first, paged by the API's opaque cursor over (created_at, id).
+
+    Raises ``shared.refunds.InvalidCursor`` for a cursor this service did not make.
+    """
+    query = select(Refund)
+    if status is not None:
+        query = query.where(Refund.status == status)
+    if charge_id is not None:
+        query = query.where(Refund.charge_id == charge_id)
+    if payment_id is not None:
+        query = query.where(Refund.payment_id == payment_id)
+    if initiated_by is not None:
+        query = query.where(Refund.initiated_by == initiated_by)
+    if cursor is not None:
+        created, last_id = decode_cursor(cursor)
+        query = query.where(tuple_(Refund.created_at, Refund.id) < tuple_(created, last_id))
+    rows = list(
+        session.scalars(query.order_by(Refund.created_at.desc(), Refund.id.desc()).limit(limit + 1))
+    )
+    page = rows[:limit]
+    return RefundPage(
+        now=db_now(session),
+        refunds=page,
+        next_cursor=encode_cursor(page[-1]) if len(rows) > limit else None,
+    )
+
+
+def refund_detail(
+    *, session: Session, refund_id: str, stuck_after_seconds: float, stuck_alert_seconds: float
+) -> RefundDetail:
+    refund = session.get(Refund, refund_id)
+    if refund is None:
+        raise NotFound(f"No refund has the id '{refund_id[:80]}'.")
+    now = db_now(session)
+    events = list(
+        session.scalars(
+            select(RefundEvent)
+            .where(RefundEvent.refund_id == refund_id)
+            .order_by(RefundEvent.created_at, RefundEvent.id)
+        )
+    )
+    payment = session.get(Payment, refund.payment_id)
+    assert payment is not None  # a foreign key guarantees it
+    charge = session.get(Charge, refund.charge_id) if refund.charge_id is not None else None
+    amount = func.sum(Refund.amount)
+    count, held, refunded = session.execute(
+        select(
+            func.count(),
+            func.coalesce(amount.filter(Refund.status.not_in(RELEASED_STATUSES)), 0),
+            func.coalesce(amount.filter(Refund.status == S.SUCCEEDED), 0),
+        ).where(Refund.payment_id == payment.id)
+    ).one()
+    return RefundDetail(
+        now=now,
+        refund=refund,
+        events=events,
+        payment=PaymentSummary(
+            payment=payment,
+            charge=charge,
+            refund_count=count,
+            held=int(held),
+            refunded=int(refunded),
+        ),
+        stuck=is_stuck(
+            refund,
+            now,
+            stuck_after=timedelta(seconds=stuck_after_seconds),
+            stuck_alert=timedelta(seconds=stuck_alert_seconds),
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    status: str
+    enqueued: bool  # False: the broker refused it; the reconciler will enqueue it later
+
+
+def reconcile_now(*, session: Session, refund_id: str, actor: str) -> Reconciled:
+    """Ask a worker to take an open refund again, and record who asked.
+
+    Only enqueues ``refunds.process`` for the existing refund id: the task claims the
+    row and talks to Stripe with the refund's own idempotency key, so this can never
+    create, enlarge or duplicate a refund. The audit event keeps the status as it is.
+    """
+    status = session.scalar(select(Refund.status).where(Refund.id == refund_id).with_for_update())
+    if status is None:
+        raise NotFound(f"No refund has the id '{refund_id[:80]}'.")
+    if status in TERMINAL_STATUSES:
+        raise RefundIsTerminal(f"The refund is '{status}': there is nothing left to reconcile.")
+    record_event(
+        session,
+        refund_id=refund_id,
+        from_status=status,
+        to_status=status,
+        actor=actor,
+        detail={"action": RECONCILE_ACTION},
+    )
+    session.commit()
+    # Only after the commit, as everywhere else (SPEC 2).
+    return Reconciled(status=status, enqueued=enqueue_refund(refund_id))
