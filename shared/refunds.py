@@ -64,7 +64,10 @@ def initiate_refund(
             session, subject=initiated_by, key=idempotency_key, fingerprint=fingerprint
         )
         if stored is not None:
-            return Initiated(status=stored.status, body=stored.body, replayed=True)
+            # JSONB does not keep key order: put the fields back in the published order so
+            # that a replay is byte for byte the first answer.
+            body = {name: stored.body[name] for name in INITIATED_FIELDS if name in stored.body}
+            return Initiated(status=stored.status, body=body, replayed=True)
 
     payment, charge = _lock_payment(session, request.charge_id)
     if payment.status != "succeeded" or (charge is not None and charge.status != "succeeded"):
@@ -152,8 +155,13 @@ def _lock_payment(session: Session, charge_id: str) -> tuple[Payment, Charge | N
     return payment, charge
 
 
+INITIATED_FIELDS = (
+    "refund_id", "payment_id", "charge_id", "amount_cents", "status", "stripe_refund_id"
+)
+
+
 def initiated_body(refund: Refund) -> dict[str, Any]:
-    """The 201 body: exactly the seed's fields."""
+    """The 201 body: exactly the seed's fields, in ``INITIATED_FIELDS`` order."""
     return {
         "refund_id": refund.id,
         "payment_id": refund.payment_id,
