@@ -200,9 +200,10 @@ class Stats:
         with self._lock:
             self.requests[route] += 1
 
-    def count_response(self, status: int) -> None:
+    def count_response(self, status: str) -> None:
+        """``status`` is the HTTP status, or ``"closed"`` for a connection closed without an answer."""
         with self._lock:
-            self.responses[str(status)] += 1
+            self.responses[status] += 1
 
     def count_fault(self, name: str) -> None:
         with self._lock:

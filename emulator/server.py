@@ -428,15 +428,17 @@ class EmulatorServer(ThreadingHTTPServer):
         split = urlsplit(handler.path)
         length = int(handler.headers.get("Content-Length") or 0)
         body = handler.rfile.read(length) if length > 0 else b""
-        if split.path.startswith("/_emulator/"):
+        admin = split.path.startswith("/_emulator/")
+        if admin:
             answer: Answer = self.app.handle_admin(handler.command, split.path, split.query, body)
         else:
             answer = self.app.handle_stripe(handler.command, split.path, split.query, body, handler.headers)
         if isinstance(answer, _Close):
-            self.app.stats.count_response(0)
+            self.app.stats.count_response("closed")
             handler.close_connection = True
             return
-        self.app.stats.count_response(answer.status)
+        if not admin:
+            self.app.stats.count_response(str(answer.status))
         handler.send_response(answer.status)
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Content-Length", str(len(answer.body)))
