@@ -93,3 +93,17 @@ def enqueue_refund(refund_id: str) -> bool:
         )
         return False
     return True
+
+
+def enqueue_reconcile() -> bool:
+    """Ask for a reconcile pass now (the console's "reconcile now" for an in-flight refund).
+
+    Passes are locked against each other, so an extra one is harmless; beat's next one
+    comes anyway, so a failure is logged and reported, not raised.
+    """
+    try:
+        get_celery().send_task(RECONCILE_TASK, retry=True, retry_policy={"max_retries": 2})
+    except Exception:
+        log.exception("enqueue of a reconcile pass failed")
+        return False
+    return True
