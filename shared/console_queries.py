@@ -16,7 +16,12 @@ from typing import Any
 from sqlalchemy import and_, func, literal_column, or_, select, tuple_
 from sqlalchemy.orm import Session
 
-from shared.celery_app import enqueue_refund
+from shared.celery_app import (
+    PROCESS_REFUND_TASK,
+    RECONCILE_TASK,
+    enqueue_reconcile,
+    enqueue_refund,
+)
 from shared.errors import NotFound, RefundServiceError
 from shared.models import (
     RELEASED_STATUSES,
@@ -121,11 +126,26 @@ def db_now(session: Session) -> datetime:
     return session.execute(select(func.now())).scalar_one()
 
 
-def _stuck_condition(now: datetime, *, stuck_after: timedelta, stuck_alert: timedelta) -> Any:
-    # Two index ranges of (status, updated_at); SPEC 7's reconciler uses the same thresholds.
+def _open_refunds() -> Any:
+    """The open refunds' ids, statuses and creation times, taken through the status index.
+
+    Materialized so that ordering by ``created_at`` cannot turn the plan into a walk of
+    the ``created_at`` index from the oldest refund of all, past every finished one.
+    """
+    return (
+        select(Refund.id, Refund.status, Refund.created_at)
+        .where(Refund.status.in_(OPEN_STATUSES))
+        .cte("open_refunds")
+        .prefix_with("MATERIALIZED")
+    )
+
+
+def _stuck(open_rows: Any, now: datetime, *, stuck_after: timedelta, stuck_alert: timedelta) -> Any:
+    # Age counts from creation, as the reconciler's alert does: its polls and re-enqueues
+    # touch updated_at, the customer's wait goes on.
     return or_(
-        and_(Refund.status == S.PENDING, Refund.updated_at < now - stuck_after),
-        and_(Refund.status.in_(AWAITING_STRIPE), Refund.updated_at < now - stuck_alert),
+        and_(open_rows.c.status == S.PENDING, open_rows.c.created_at < now - stuck_after),
+        and_(open_rows.c.status.in_(AWAITING_STRIPE), open_rows.c.created_at < now - stuck_alert),
     )
 
 
@@ -133,9 +153,9 @@ def is_stuck(
     refund: Refund, now: datetime, *, stuck_after: timedelta, stuck_alert: timedelta
 ) -> bool:
     if refund.status == S.PENDING:
-        return refund.updated_at < now - stuck_after
+        return refund.created_at < now - stuck_after
     if refund.status in AWAITING_STRIPE:
-        return refund.updated_at < now - stuck_alert
+        return refund.created_at < now - stuck_alert
     return False
 
 
@@ -162,14 +182,7 @@ def overview(
         ).all()
     )
 
-    # Materialized so the plan takes the few open rows through the status index instead of
-    # walking the created_at index from the oldest refund of all until it meets an open one.
-    open_rows = (
-        select(Refund.id, Refund.created_at)
-        .where(Refund.status.in_(OPEN_STATUSES))
-        .cte("open_refunds")
-        .prefix_with("MATERIALIZED")
-    )
+    open_rows = _open_refunds()
     oldest_id = session.scalar(
         select(open_rows.c.id).order_by(open_rows.c.created_at, open_rows.c.id).limit(1)
     )
@@ -217,17 +230,19 @@ def overview(
         )
     ).one()
 
-    stuck_where = _stuck_condition(now, stuck_after=stuck_after, stuck_alert=stuck_alert)
-    stuck = list(
-        session.scalars(
-            select(Refund).where(stuck_where).order_by(Refund.updated_at).limit(STUCK_LIST_LIMIT)
-        )
-    )
-    stuck_total = (
-        len(stuck)
-        if len(stuck) < STUCK_LIST_LIMIT
-        else session.execute(select(func.count()).where(stuck_where)).scalar_one()
-    )
+    open_rows = _open_refunds()
+    stuck_rows = session.execute(
+        select(open_rows.c.id, func.count().over())
+        .where(_stuck(open_rows, now, stuck_after=stuck_after, stuck_alert=stuck_alert))
+        .order_by(open_rows.c.created_at, open_rows.c.id)
+        .limit(STUCK_LIST_LIMIT)
+    ).all()
+    stuck_total = stuck_rows[0][1] if stuck_rows else 0
+    by_id = {
+        r.id: r
+        for r in session.scalars(select(Refund).where(Refund.id.in_([i for i, _ in stuck_rows])))
+    }
+    stuck = [by_id[i] for i, _ in stuck_rows]
 
     return Overview(
         now=now,
@@ -330,29 +345,34 @@ def refund_detail(
 @dataclass(frozen=True)
 class Reconciled:
     status: str
-    enqueued: bool  # False: the broker refused it; the reconciler will enqueue it later
+    task: str  # what was asked of the workers
+    enqueued: bool  # False: the broker refused it; beat's reconciler comes round anyway
 
 
 def reconcile_now(*, session: Session, refund_id: str, actor: str) -> Reconciled:
-    """Ask a worker to take an open refund again, and record who asked.
+    """Ask the workers to take an open refund again now, and record who asked.
 
-    Only enqueues ``refunds.process`` for the existing refund id: the task claims the
-    row and talks to Stripe with the refund's own idempotency key, so this can never
-    create, enlarge or duplicate a refund. The audit event keeps the status as it is.
+    A ``pending`` refund is enqueued for ``refunds.process`` again: the task claims the
+    row and sends it with the refund's own Stripe idempotency key after looking it up
+    at Stripe, so this never creates, enlarges or duplicates a refund. A refund Stripe
+    already holds (``processing``, ``requires_action``) is past what that task does; a
+    reconcile pass polls Stripe for it instead. Only the audit trail is written here,
+    with the status unchanged; the task is sent after the commit.
     """
     status = session.scalar(select(Refund.status).where(Refund.id == refund_id).with_for_update())
     if status is None:
         raise NotFound(f"No refund has the id '{refund_id[:80]}'.")
     if status in TERMINAL_STATUSES:
         raise RefundIsTerminal(f"The refund is '{status}': there is nothing left to reconcile.")
+    task = PROCESS_REFUND_TASK if status == S.PENDING else RECONCILE_TASK
     record_event(
         session,
         refund_id=refund_id,
         from_status=status,
         to_status=status,
         actor=actor,
-        detail={"action": RECONCILE_ACTION},
+        detail={"action": RECONCILE_ACTION, "task": task},
     )
     session.commit()
-    # Only after the commit, as everywhere else (SPEC 2).
-    return Reconciled(status=status, enqueued=enqueue_refund(refund_id))
+    enqueued = enqueue_refund(refund_id) if task == PROCESS_REFUND_TASK else enqueue_reconcile()
+    return Reconciled(status=status, task=task, enqueued=enqueued)

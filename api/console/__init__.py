@@ -271,12 +271,19 @@ def reconcile(refund_id: str) -> Any:
         return _error_page(403, f"Reconciling needs a token with the '{scope}' scope.")
     with unit_of_work() as session:
         done = queries.reconcile_now(session=session, refund_id=refund_id, actor=operator.subject)
-    if done.enqueued:
-        flash("Sent to the workers again; the audit trail records that you asked.", "ok")
-    else:
+    if not done.enqueued:
         flash(
             "Recorded, but the queue refused the task; "
-            "the reconciler will send it on its next run.",
+            "the reconciler will take the refund on its next run.",
             "warn",
+        )
+    elif done.task == PROCESS_REFUND_TASK:
+        flash(f"Sent to the workers again ({done.task}); the audit trail records that you asked.",
+              "ok")
+    else:
+        flash(
+            f"Stripe already holds this refund: asked for a reconcile pass ({done.task}), which "
+            "polls Stripe for in-flight refunds. The audit trail records that you asked.",
+            "ok",
         )
     return redirect(url_for(".refund", refund_id=refund_id), code=303)
