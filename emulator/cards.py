@@ -10,7 +10,6 @@ card number given as ``payment_method_data[card][number]`` /
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 # What a card does when charged and refunded.
 SUCCEED = "succeed"  # the charge succeeds, refunds succeed at once
@@ -28,7 +27,7 @@ class TestCard:
     brand: str
     behavior: str = SUCCEED
     funding: str = "credit"
-    decline_code: Optional[str] = None  # for DECLINE
+    decline_code: str | None = None  # for DECLINE
     error_code: str = "card_declined"  # for DECLINE
     message: str = "Your card was declined."  # for DECLINE
     dispute_reason: str = "fraudulent"  # for DISPUTE*
@@ -38,7 +37,9 @@ class TestCard:
         return self.number[-4:]
 
 
-def _declined(number: str, decline_code: str, message: str, code: str = "card_declined") -> TestCard:
+def _declined(
+    number: str, decline_code: str, message: str, code: str = "card_declined"
+) -> TestCard:
     return TestCard(
         number=number,
         brand="visa",
@@ -61,12 +62,17 @@ CARDS: dict[str, TestCard] = {
         "4000000000009995", "insufficient_funds", "Your card has insufficient funds."
     ),
     "chargeDeclinedLostCard": _declined("4000000000009987", "lost_card", "Your card was declined."),
-    "chargeDeclinedStolenCard": _declined("4000000000009979", "stolen_card", "Your card was declined."),
+    "chargeDeclinedStolenCard": _declined(
+        "4000000000009979", "stolen_card", "Your card was declined."
+    ),
     "chargeDeclinedExpiredCard": _declined(
         "4000000000000069", "expired_card", "Your card has expired.", code="expired_card"
     ),
     "chargeDeclinedIncorrectCvc": _declined(
-        "4000000000000127", "incorrect_cvc", "Your card's security code is incorrect.", code="incorrect_cvc"
+        "4000000000000127",
+        "incorrect_cvc",
+        "Your card's security code is incorrect.",
+        code="incorrect_cvc",
     ),
     "chargeDeclinedProcessingError": _declined(
         "4000000000000119",
@@ -87,7 +93,7 @@ CARDS: dict[str, TestCard] = {
 _BY_NUMBER: dict[str, TestCard] = {card.number: card for card in CARDS.values()}
 
 
-def by_alias(value: str) -> Optional[TestCard]:
+def by_alias(value: str) -> TestCard | None:
     """The card for ``pm_card_<name>`` or ``tok_<name>``, else None."""
     for prefix in ("pm_card_", "tok_"):
         if value.startswith(prefix):
@@ -95,7 +101,7 @@ def by_alias(value: str) -> Optional[TestCard]:
     return None
 
 
-def by_number(number: str) -> Optional[TestCard]:
+def by_number(number: str) -> TestCard | None:
     """The card for a test card number; any other Luhn-valid-looking number succeeds like a Visa."""
     digits = "".join(ch for ch in str(number) if ch.isdigit())
     if not digits:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any
 
 
 @dataclass
 class Config:
-    webhook_url: Optional[str] = None
-    webhook_secret: str = "whsec_local"
+    webhook_url: str | None = None
+    webhook_secret: str = "whsec_local"  # noqa: S105 - the public local-dev default, not a secret
     pending_refund_delay: float = 1.0  # pm_card_pendingRefund: pending -> succeeded after this
     failing_refund_delay: float = 1.0  # pm_card_refundFail: succeeded -> failed after this
     idempotency_ttl: float = 86400.0  # Stripe prunes keys after 24 h
@@ -27,7 +27,9 @@ class Config:
             if name not in self.__dataclass_fields__:
                 raise ValueError(f"unknown config field: {name}")
             if name == "webhook_url":
-                if value is not None and (not isinstance(value, str) or not value.startswith(("http://", "https://"))):
+                if value is not None and (
+                    not isinstance(value, str) or not value.startswith(("http://", "https://"))
+                ):
                     raise ValueError("webhook_url must be an http(s) URL or null")
                 checked[name] = value or None
             elif name == "webhook_secret":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 DOC_BASE = "https://docs.stripe.com/error-codes/"
 
@@ -22,10 +22,10 @@ class StripeError(Exception):
         message: str,
         *,
         type: str = "invalid_request_error",
-        code: Optional[str] = None,
-        param: Optional[str] = None,
+        code: str | None = None,
+        param: str | None = None,
         saved: bool = True,
-        headers: Optional[dict[str, str]] = None,
+        headers: dict[str, str] | None = None,
         **extra: Any,
     ) -> None:
         super().__init__(message)
@@ -49,16 +49,21 @@ class StripeError(Exception):
 
 
 def invalid(
-    message: str, *, code: Optional[str] = None, param: Optional[str] = None, status: int = 400, **extra: Any
+    message: str,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    status: int = 400,
+    **extra: Any,
 ) -> StripeError:
     """A request the endpoint refused after it began executing (saved for idempotency)."""
     return StripeError(status, message, code=code, param=param, **extra)
 
 
-def param_error(message: str, *, code: Optional[str] = None, param: Optional[str] = None) -> StripeError:
+def param_error(message: str, *, code: str | None = None, param: str | None = None) -> StripeError:
     """A parameter that failed validation (not saved for idempotency)."""
     return StripeError(400, message, code=code, param=param, saved=False)
 
 
-def missing(kind: str, object_id: str, *, param: Optional[str] = None) -> StripeError:
+def missing(kind: str, object_id: str, *, param: str | None = None) -> StripeError:
     return StripeError(404, f"No such {kind}: '{object_id}'", code="resource_missing", param=param)

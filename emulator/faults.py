@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from typing import Any, Optional
+from typing import Any
 
 FAIL_STATUSES = (500, 502, 503, 429)
 
@@ -26,7 +26,7 @@ def _number(value: Any, name: str) -> float:
     return float(value)
 
 
-def _prefix(value: Any, name: str) -> Optional[str]:
+def _prefix(value: Any, name: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not value.startswith("/"):
@@ -34,7 +34,7 @@ def _prefix(value: Any, name: str) -> Optional[str]:
     return value
 
 
-def _method(value: Any, name: str) -> Optional[str]:
+def _method(value: Any, name: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or value.upper() not in ("GET", "POST", "DELETE"):
@@ -78,24 +78,32 @@ class Faults:
     def clear(self) -> None:
         with self._lock:
             self.latency_ms = 0.0
-            self.rate_limit_rps: Optional[float] = None
+            self.rate_limit_rps: float | None = None
             self._tokens = 0.0
             self._last_refill = time.monotonic()
-            self.fail_next: Optional[_Countdown] = None
-            self.timeout_next: Optional[_Countdown] = None
-            self.drop_after_apply_next: Optional[_Countdown] = None
+            self.fail_next: _Countdown | None = None
+            self.timeout_next: _Countdown | None = None
+            self.drop_after_apply_next: _Countdown | None = None
 
     def update(self, spec: Any) -> None:
         """Merge ``spec`` into the current faults; a field set to null is cleared."""
         if not isinstance(spec, dict):
             raise FaultError("body must be a JSON object")
-        known = {"latency_ms", "rate_limit_rps", "fail_next", "timeout_next", "drop_after_apply_next"}
+        known = {
+            "latency_ms",
+            "rate_limit_rps",
+            "fail_next",
+            "timeout_next",
+            "drop_after_apply_next",
+        }
         unknown = set(spec) - known
         if unknown:
             raise FaultError(f"unknown fault(s): {', '.join(sorted(unknown))}")
         changes: dict[str, Any] = {}
         if "latency_ms" in spec:
-            changes["latency_ms"] = 0.0 if spec["latency_ms"] is None else _number(spec["latency_ms"], "latency_ms")
+            changes["latency_ms"] = (
+                0.0 if spec["latency_ms"] is None else _number(spec["latency_ms"], "latency_ms")
+            )
         if "rate_limit_rps" in spec:
             value = spec["rate_limit_rps"]
             if value is not None:
@@ -113,12 +121,17 @@ class Faults:
             changes["fail_next"] = None
         if spec.get("timeout_next") is not None:
             timeout = spec["timeout_next"]
-            seconds = _number(timeout.get("seconds", 30) if isinstance(timeout, dict) else None, "timeout_next.seconds")
+            seconds = _number(
+                timeout.get("seconds", 30) if isinstance(timeout, dict) else None,
+                "timeout_next.seconds",
+            )
             changes["timeout_next"] = _Countdown(timeout, "timeout_next", seconds=seconds)
         elif "timeout_next" in spec:
             changes["timeout_next"] = None
         if spec.get("drop_after_apply_next") is not None:
-            changes["drop_after_apply_next"] = _Countdown(spec["drop_after_apply_next"], "drop_after_apply_next")
+            changes["drop_after_apply_next"] = _Countdown(
+                spec["drop_after_apply_next"], "drop_after_apply_next"
+            )
         elif "drop_after_apply_next" in spec:
             changes["drop_after_apply_next"] = None
         with self._lock:
@@ -133,8 +146,12 @@ class Faults:
             return {
                 "latency_ms": self.latency_ms,
                 "rate_limit_rps": self.rate_limit_rps,
-                "fail_next": self.fail_next.as_dict() if self.fail_next and self.fail_next.count else None,
-                "timeout_next": self.timeout_next.as_dict() if self.timeout_next and self.timeout_next.count else None,
+                "fail_next": self.fail_next.as_dict()
+                if self.fail_next and self.fail_next.count
+                else None,
+                "timeout_next": self.timeout_next.as_dict()
+                if self.timeout_next and self.timeout_next.count
+                else None,
                 "drop_after_apply_next": (
                     self.drop_after_apply_next.as_dict()
                     if self.drop_after_apply_next and self.drop_after_apply_next.count
@@ -160,7 +177,7 @@ class Faults:
                 return True
             return False
 
-    def _take(self, name: str, method: str, path: str) -> Optional[_Countdown]:
+    def _take(self, name: str, method: str, path: str) -> _Countdown | None:
         with self._lock:
             fault = getattr(self, name)
             if fault is None or not fault.matches(method, path):
@@ -168,11 +185,11 @@ class Faults:
             fault.count -= 1
             return fault
 
-    def take_fail(self, method: str, path: str) -> Optional[int]:
+    def take_fail(self, method: str, path: str) -> int | None:
         fault = self._take("fail_next", method, path)
         return fault.extra["status"] if fault else None
 
-    def take_timeout(self, method: str, path: str) -> Optional[float]:
+    def take_timeout(self, method: str, path: str) -> float | None:
         fault = self._take("timeout_next", method, path)
         return fault.extra["seconds"] if fault else None
 
@@ -201,7 +218,7 @@ class Stats:
             self.requests[route] += 1
 
     def count_response(self, status: str) -> None:
-        """``status`` is the HTTP status, or ``"closed"`` for a connection closed without an answer."""
+        """``status`` is the HTTP status, or ``"closed"`` for a connection closed unanswered."""
         with self._lock:
             self.responses[status] += 1
 

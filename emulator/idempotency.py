@@ -17,8 +17,9 @@ import json
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 from .errors import StripeError
 
@@ -39,13 +40,17 @@ class Entry:
 
 
 class IdempotencyStore:
-    def __init__(self, ttl: Callable[[], float], clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, ttl: Callable[[], float], clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._ttl = ttl
         self._clock = clock
         self._lock = threading.Lock()
-        self._entries: "OrderedDict[tuple[str, str], Entry]" = OrderedDict()
+        self._entries: OrderedDict[tuple[str, str], Entry] = OrderedDict()
 
-    def begin(self, api_key: str, key: str, method: str, path: str, params: dict[str, Any]) -> tuple[bool, Entry]:
+    def begin(
+        self, api_key: str, key: str, method: str, path: str, params: dict[str, Any]
+    ) -> tuple[bool, Entry]:
         """Claim ``key`` for this request.
 
         Returns ``(True, entry)`` when the caller must run the request and then
@@ -70,8 +75,10 @@ class IdempotencyStore:
                 if (entry.method, entry.path) != (method, path):
                     raise StripeError(
                         400,
-                        "Keys for idempotent requests can only be used for the same endpoint they were first used "
-                        f"for ('{entry.method} {entry.path}' vs '{method} {path}'). Try using a key other than "
+                        "Keys for idempotent requests can only be used for the same endpoint they "
+                        "were first used "
+                        f"for ('{entry.method} {entry.path}' vs '{method} {path}'). Try using a "
+                        "key other than "
                         f"'{key}' if you meant to execute a different request.",
                         type="idempotency_error",
                         saved=False,
@@ -79,15 +86,18 @@ class IdempotencyStore:
                 if entry.params_digest != digest:
                     raise StripeError(
                         400,
-                        "Keys for idempotent requests can only be used with the same parameters they were first "
-                        f"used with. Try using a key other than '{key}' if you meant to execute a different request.",
+                        "Keys for idempotent requests can only be used with the same parameters "
+                        "they were first "
+                        f"used with. Try using a key other than '{key}' if you meant to execute a "
+                        "different request.",
                         type="idempotency_error",
                         saved=False,
                     )
                 if not entry.done:
                     raise StripeError(
                         409,
-                        "There is currently another in-progress request using this Idempotent Key (that probably "
+                        "There is currently another in-progress request using this Idempotent Key "
+                        "(that probably "
                         "means you submitted twice, and the other request is still going through): "
                         f"{key}. Please try again later.",
                         code="idempotency_key_in_use",
@@ -98,7 +108,9 @@ class IdempotencyStore:
             self._entries[(api_key, key)] = entry
             return True, entry
 
-    def finish(self, entry: Entry, status: int, body: bytes, request_id: str, headers: dict[str, str]) -> None:
+    def finish(
+        self, entry: Entry, status: int, body: bytes, request_id: str, headers: dict[str, str]
+    ) -> None:
         with self._lock:
             entry.status = status
             entry.body = body

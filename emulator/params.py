@@ -8,7 +8,8 @@ The SDK sends ``metadata[refund_id]=x``, ``expand[0]=latest_charge`` and
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 from urllib.parse import parse_qsl
 
 from .errors import param_error
@@ -72,37 +73,52 @@ class Params:
         allowed_set = set(allowed) | {"expand"}
         for name in raw:
             if name not in allowed_set:
-                raise param_error(f"Received unknown parameter: {name}", code="parameter_unknown", param=name)
+                raise param_error(
+                    f"Received unknown parameter: {name}", code="parameter_unknown", param=name
+                )
 
     def has(self, name: str) -> bool:
         return name in self.raw and self.raw[name] != ""
 
-    def string(self, name: str, *, required: bool = False, max_length: int = 5000) -> Optional[str]:
+    def string(self, name: str, *, required: bool = False, max_length: int = 5000) -> str | None:
         value = self.raw.get(name)
         if value is None or value == "":
             if required:
-                raise param_error(f"Missing required param: {name}.", code="parameter_missing", param=name)
+                raise param_error(
+                    f"Missing required param: {name}.", code="parameter_missing", param=name
+                )
             return None
         if not isinstance(value, str):
             raise param_error(f"Invalid string: {value!r}", param=name)
         if len(value) > max_length:
-            raise param_error(f"Invalid string: {value[:20]}...; must be at most {max_length} characters", param=name)
+            raise param_error(
+                f"Invalid string: {value[:20]}...; must be at most {max_length} characters",
+                param=name,
+            )
         return value
 
-    def integer(self, name: str, *, required: bool = False, minimum: Optional[int] = None) -> Optional[int]:
+    def integer(
+        self, name: str, *, required: bool = False, minimum: int | None = None
+    ) -> int | None:
         value = self.raw.get(name)
         if value is None or value == "":
             if required:
-                raise param_error(f"Missing required param: {name}.", code="parameter_missing", param=name)
+                raise param_error(
+                    f"Missing required param: {name}.", code="parameter_missing", param=name
+                )
             return None
         if not isinstance(value, str) or not re.fullmatch(r"-?\d+", value.strip()):
-            raise param_error(f"Invalid integer: {value}", code="parameter_invalid_integer", param=name)
+            raise param_error(
+                f"Invalid integer: {value}", code="parameter_invalid_integer", param=name
+            )
         number = int(value)
         if minimum is not None and number < minimum:
             word = "positive integer" if minimum == 1 else f"integer: must be at least {minimum}"
             raise param_error(f"Invalid {word}", code="parameter_invalid_integer", param=name)
         if number > 99_999_999_999:
-            raise param_error(f"Invalid integer: {value}", code="parameter_invalid_integer", param=name)
+            raise param_error(
+                f"Invalid integer: {value}", code="parameter_invalid_integer", param=name
+            )
         return number
 
     def boolean(self, name: str, *, default: bool = False) -> bool:
@@ -113,7 +129,7 @@ class Params:
             return value == "true"
         raise param_error(f"Invalid boolean: {value}", param=name)
 
-    def enum(self, name: str, choices: list[str], *, default: Optional[str] = None) -> Optional[str]:
+    def enum(self, name: str, choices: list[str], *, default: str | None = None) -> str | None:
         value = self.string(name)
         if value is None:
             return default
@@ -125,15 +141,19 @@ class Params:
             raise param_error(f"Invalid {name}: must be one of {listed}", param=name)
         return value
 
-    def currency(self, name: str = "currency", *, required: bool = False) -> Optional[str]:
+    def currency(self, name: str = "currency", *, required: bool = False) -> str | None:
         value = self.string(name, required=required)
         if value is None:
             return None
         if not re.fullmatch(r"[A-Za-z]{3}", value):
-            raise param_error(f"Invalid currency: {value}. Stripe currently supports these currencies: usd, eur, ...", param=name)
+            raise param_error(
+                f"Invalid currency: {value}. Stripe currently supports these currencies: usd, eur, "
+                "...",
+                param=name,
+            )
         return value.lower()
 
-    def mapping(self, name: str) -> Optional[dict[str, Any]]:
+    def mapping(self, name: str) -> dict[str, Any] | None:
         value = self.raw.get(name)
         if value is None or value == "":
             return None
@@ -141,7 +161,7 @@ class Params:
             raise param_error(f"Invalid hash: {name}", param=name)
         return value
 
-    def metadata(self, name: str = "metadata") -> Optional[dict[str, str]]:
+    def metadata(self, name: str = "metadata") -> dict[str, str] | None:
         """The metadata hash; ``{}`` when sent empty (which unsets all keys)."""
         if name not in self.raw:
             return None
@@ -154,14 +174,19 @@ class Params:
             raise param_error("Metadata can have at most 50 keys.", param=name)
         for key, item in value.items():
             if not isinstance(item, str):
-                raise param_error(f"Invalid value for metadata key {key}: must be a string", param=f"{name}[{key}]")
+                raise param_error(
+                    f"Invalid value for metadata key {key}: must be a string",
+                    param=f"{name}[{key}]",
+                )
             if len(key) > 40:
                 raise param_error(
-                    f"Metadata keys can have up to 40 characters; {key!r} has {len(key)}", param=f"{name}[{key}]"
+                    f"Metadata keys can have up to 40 characters; {key!r} has {len(key)}",
+                    param=f"{name}[{key}]",
                 )
             if len(item) > 500:
                 raise param_error(
-                    f"Metadata values can have up to 500 characters, but you passed in a value that is "
+                    "Metadata values can have up to 500 characters, but you passed in a value "
+                    "that is "
                     f"{len(item)} characters. Invalid value: {item[:40]}...",
                     param=f"{name}[{key}]",
                 )

@@ -7,7 +7,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger("emulator.scheduler")
 
@@ -23,7 +23,9 @@ class Scheduler:
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
         with self._cond:
-            heapq.heappush(self._heap, (time.monotonic() + max(0.0, delay), next(self._counter), fn))
+            heapq.heappush(
+                self._heap, (time.monotonic() + max(0.0, delay), next(self._counter), fn)
+            )
             self._cond.notify()
 
     def clear(self) -> None:

@@ -23,9 +23,10 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Optional, Union
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from .config import Config
@@ -54,9 +55,9 @@ class _Close:
 
 
 CLOSE = _Close()
-Answer = Union[Response, _Close]
+Answer = Response | _Close
 
-Endpoint = Callable[[Store, Optional[str], dict[str, Any], RequestContext], dict[str, Any]]
+Endpoint = Callable[[Store, str | None, dict[str, Any], RequestContext], dict[str, Any]]
 
 # (method, path template) -> endpoint. In every templated path the object id is
 # the fourth segment ("/v1/refunds/{id}/cancel"), which makes matching one dict hit.
@@ -65,8 +66,12 @@ STRIPE_ROUTES: dict[tuple[str, str], Endpoint] = {
     ("GET", "/v1/payment_intents"): lambda s, _id, p, c: s.list_payment_intents(p),
     ("GET", "/v1/payment_intents/{id}"): lambda s, i, p, c: s.retrieve_payment_intent(i, p),
     ("POST", "/v1/payment_intents/{id}"): lambda s, i, p, c: s.update_payment_intent(i, p, c),
-    ("POST", "/v1/payment_intents/{id}/confirm"): lambda s, i, p, c: s.confirm_payment_intent(i, p, c),
-    ("POST", "/v1/payment_intents/{id}/cancel"): lambda s, i, p, c: s.cancel_payment_intent(i, p, c),
+    ("POST", "/v1/payment_intents/{id}/confirm"): lambda s, i, p, c: s.confirm_payment_intent(
+        i, p, c
+    ),
+    ("POST", "/v1/payment_intents/{id}/cancel"): lambda s, i, p, c: s.cancel_payment_intent(
+        i, p, c
+    ),
     ("POST", "/v1/charges"): lambda s, _id, p, c: s.create_charge(p, c),
     ("GET", "/v1/charges"): lambda s, _id, p, c: s.list_charges(p),
     ("GET", "/v1/charges/{id}"): lambda s, i, p, c: s.retrieve_charge(i, p),
@@ -87,7 +92,7 @@ STRIPE_ROUTES: dict[tuple[str, str], Endpoint] = {
 }
 
 
-def route_template(path: str) -> tuple[str, Optional[str]]:
+def route_template(path: str) -> tuple[str, str | None]:
     """``/v1/refunds/re_1/cancel`` -> ``("/v1/refunds/{id}/cancel", "re_1")``."""
     parts = path.split("/")
     if len(parts) >= 4 and parts[3]:
@@ -115,14 +120,15 @@ def _injected_error(status: int) -> StripeError:
 def _rate_limit_error() -> StripeError:
     return StripeError(
         429,
-        "Request rate limit exceeded. You can learn more about rate limits here https://stripe.com/docs/rate-limits.",
+        "Request rate limit exceeded. You can learn more about rate limits here "
+        "https://stripe.com/docs/rate-limits.",
         code="rate_limit",
         saved=False,
         headers={"Retry-After": "1"},
     )
 
 
-def _api_key(authorization: Optional[str]) -> str:
+def _api_key(authorization: str | None) -> str:
     """The API key from ``Authorization`` (Bearer, or Basic with the key as user), else a 401."""
     header = (authorization or "").strip()
     key = ""
@@ -136,8 +142,10 @@ def _api_key(authorization: Optional[str]) -> str:
     if not key:
         raise StripeError(
             401,
-            "You did not provide an API key. You need to provide your API key in the Authorization header, using "
-            "Bearer auth (e.g. 'Authorization: Bearer YOUR_SECRET_KEY'). See https://stripe.com/docs/api#authentication "
+            "You did not provide an API key. You need to provide your API key in the Authorization "
+            "header, using "
+            "Bearer auth (e.g. 'Authorization: Bearer YOUR_SECRET_KEY'). See "
+            "https://stripe.com/docs/api#authentication "
             "for details, or we can help at https://support.stripe.com/.",
             saved=False,
         )
@@ -172,7 +180,9 @@ class EmulatorApp:
 
     # ------------------------------------------------------------ Stripe API
 
-    def handle_stripe(self, method: str, path: str, query: str, body: bytes, headers: Any) -> Answer:
+    def handle_stripe(
+        self, method: str, path: str, query: str, body: bytes, headers: Any
+    ) -> Answer:
         request_id = new_id("req", 14)
         template, object_id = route_template(path)
         endpoint = STRIPE_ROUTES.get((method, template))
@@ -186,9 +196,11 @@ class EmulatorApp:
             if latency:
                 time.sleep(latency)
 
-        def error(exc: StripeError, extra: Optional[dict[str, str]] = None) -> Response:
+        def error(exc: StripeError, extra: dict[str, str] | None = None) -> Response:
             nap()
-            return Response(exc.status, _json(exc.body()), {**base_headers, **exc.headers, **(extra or {})})
+            return Response(
+                exc.status, _json(exc.body()), {**base_headers, **exc.headers, **(extra or {})}
+            )
 
         if not self.faults.take_rate_token():
             self.stats.count("rate_limited")
@@ -207,7 +219,8 @@ class EmulatorApp:
             if endpoint is None:
                 raise StripeError(
                     404,
-                    f"Unrecognized request URL ({method}: {path}). Please see https://stripe.com/docs or we can "
+                    f"Unrecognized request URL ({method}: {path}). Please see "
+                    "https://stripe.com/docs or we can "
                     "help at https://support.stripe.com/.",
                     saved=False,
                 )
@@ -221,9 +234,13 @@ class EmulatorApp:
         entry = None
         if idempotency_key:
             try:
-                fresh, entry = self.idempotency.begin(api_key, idempotency_key, method, path, params)
+                fresh, entry = self.idempotency.begin(
+                    api_key, idempotency_key, method, path, params
+                )
             except StripeError as exc:
-                self.stats.count("idempotency_key_in_use" if exc.status == 409 else "idempotency_errors")
+                self.stats.count(
+                    "idempotency_key_in_use" if exc.status == 409 else "idempotency_errors"
+                )
                 return error(exc, extra_headers)
             nap()
             if not fresh:
@@ -250,10 +267,17 @@ class EmulatorApp:
                 payload = _json(result)
             status, saved = 200, True
         except StripeError as exc:
-            status, payload, saved, result_headers = exc.status, _json(exc.body()), exc.saved, exc.headers
+            status, payload, saved, result_headers = (
+                exc.status,
+                _json(exc.body()),
+                exc.saved,
+                exc.headers,
+            )
         except Exception:
             log.exception("error handling %s %s", method, path)
-            exc = StripeError(500, "An unknown error occurred in the emulator.", type="api_error", saved=False)
+            exc = StripeError(
+                500, "An unknown error occurred in the emulator.", type="api_error", saved=False
+            )
             status, payload, saved = 500, _json(exc.body()), False
         if entry is not None and idempotency_key:
             if saved:
@@ -321,7 +345,9 @@ class EmulatorApp:
             data = data if isinstance(data, dict) else {}
             with self.store.lock:
                 dispute = self.store.dispute_charge(
-                    str(object_id), reason=str(data.get("reason", "fraudulent")), inquiry=bool(data.get("inquiry", False))
+                    str(object_id),
+                    reason=str(data.get("reason", "fraudulent")),
+                    inquiry=bool(data.get("inquiry", False)),
                 )
                 return copy_json(dispute)
         if route == ("POST", "/_emulator/forget_idempotency_keys"):
@@ -377,7 +403,9 @@ class EmulatorApp:
         return snapshot
 
     def reset(self) -> None:
-        """Wipe objects, events, idempotency keys, faults, counters and queued work (config stays)."""
+        """Wipe objects, events, idempotency keys, faults, counters and queued work.
+
+        The config stays."""
         self.scheduler.clear()
         self.webhooks.reset()
         self.store.reset()
@@ -392,7 +420,7 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""
     timeout = 300  # idle keep-alive connections are closed after this
     disable_nagle_algorithm = True  # headers and body go out in separate writes
-    server: "EmulatorServer"
+    server: EmulatorServer
 
     def do_GET(self) -> None:
         self.server.dispatch(self)
@@ -432,7 +460,9 @@ class EmulatorServer(ThreadingHTTPServer):
         if admin:
             answer: Answer = self.app.handle_admin(handler.command, split.path, split.query, body)
         else:
-            answer = self.app.handle_stripe(handler.command, split.path, split.query, body, handler.headers)
+            answer = self.app.handle_stripe(
+                handler.command, split.path, split.query, body, handler.headers
+            )
         if isinstance(answer, _Close):
             self.app.stats.count_response("closed")
             handler.close_connection = True
@@ -456,8 +486,8 @@ def create_server(
     host: str = "127.0.0.1",
     port: int = DEFAULT_PORT,
     *,
-    webhook_url: Optional[str] = None,
-    webhook_secret: str = "whsec_local",
+    webhook_url: str | None = None,
+    webhook_secret: str = "whsec_local",  # noqa: S107 - the public local-dev default
     pending_refund_delay: float = 1.0,
     failing_refund_delay: float = 1.0,
     idempotency_ttl: float = 86400,
@@ -481,8 +511,8 @@ def serve(
     host: str = "127.0.0.1",
     port: int = DEFAULT_PORT,
     *,
-    webhook_url: Optional[str] = None,
-    webhook_secret: str = "whsec_local",
+    webhook_url: str | None = None,
+    webhook_secret: str = "whsec_local",  # noqa: S107 - the public local-dev default
     pending_refund_delay: float = 1.0,
     failing_refund_delay: float = 1.0,
     idempotency_ttl: float = 86400,

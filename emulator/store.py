@@ -18,10 +18,11 @@ import re
 import string
 import threading
 import time
-from bisect import bisect_left, bisect_right, insort
+from bisect import bisect_left, bisect_right
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 from . import cards
 from .cards import TestCard
@@ -41,38 +42,115 @@ CANCELABLE_PI_STATUSES = [
     "processing",
 ]
 CONFIRMABLE_PI_STATUSES = ("requires_payment_method", "requires_confirmation", "requires_action")
-ZERO_DECIMAL = {"bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv", "xaf", "xof", "xpf"}
+ZERO_DECIMAL = {
+    "bif",
+    "clp",
+    "djf",
+    "gnf",
+    "jpy",
+    "kmf",
+    "krw",
+    "mga",
+    "pyg",
+    "rwf",
+    "ugx",
+    "vnd",
+    "vuv",
+    "xaf",
+    "xof",
+    "xpf",
+}
 
 # Parameters the SDK or a caller may send that the emulator accepts and ignores.
 _PI_IGNORED = {
-    "automatic_payment_methods", "confirmation_method", "customer", "error_on_requires_action", "mandate",
-    "mandate_data", "off_session", "on_behalf_of", "payment_method_options", "payment_method_types",
-    "radar_options", "receipt_email", "return_url", "setup_future_usage", "shipping", "statement_descriptor",
-    "statement_descriptor_suffix", "transfer_data", "transfer_group", "use_stripe_sdk", "application_fee_amount",
-    "payment_method_configuration", "confirmation_token", "excluded_payment_method_types",
+    "automatic_payment_methods",
+    "confirmation_method",
+    "customer",
+    "error_on_requires_action",
+    "mandate",
+    "mandate_data",
+    "off_session",
+    "on_behalf_of",
+    "payment_method_options",
+    "payment_method_types",
+    "radar_options",
+    "receipt_email",
+    "return_url",
+    "setup_future_usage",
+    "shipping",
+    "statement_descriptor",
+    "statement_descriptor_suffix",
+    "transfer_data",
+    "transfer_group",
+    "use_stripe_sdk",
+    "application_fee_amount",
+    "payment_method_configuration",
+    "confirmation_token",
+    "excluded_payment_method_types",
 }
 PI_CREATE_PARAMS = _PI_IGNORED | {
-    "amount", "currency", "payment_method", "payment_method_data", "confirm", "metadata", "description",
+    "amount",
+    "currency",
+    "payment_method",
+    "payment_method_data",
+    "confirm",
+    "metadata",
+    "description",
     "capture_method",
 }
-PI_UPDATE_PARAMS = _PI_IGNORED | {"amount", "currency", "payment_method", "payment_method_data", "metadata", "description"}
+PI_UPDATE_PARAMS = _PI_IGNORED | {
+    "amount",
+    "currency",
+    "payment_method",
+    "payment_method_data",
+    "metadata",
+    "description",
+}
 PI_CONFIRM_PARAMS = _PI_IGNORED | {"payment_method", "payment_method_data", "capture_method"}
 PI_CANCEL_PARAMS = {"cancellation_reason"}
 CHARGE_CREATE_PARAMS = {
-    "amount", "currency", "source", "customer", "description", "metadata", "capture", "receipt_email",
-    "statement_descriptor", "statement_descriptor_suffix", "shipping", "transfer_group", "on_behalf_of",
+    "amount",
+    "currency",
+    "source",
+    "customer",
+    "description",
+    "metadata",
+    "capture",
+    "receipt_email",
+    "statement_descriptor",
+    "statement_descriptor_suffix",
+    "shipping",
+    "transfer_group",
+    "on_behalf_of",
 }
-CHARGE_UPDATE_PARAMS = {"metadata", "description", "receipt_email", "shipping", "fraud_details", "transfer_group"}
+CHARGE_UPDATE_PARAMS = {
+    "metadata",
+    "description",
+    "receipt_email",
+    "shipping",
+    "fraud_details",
+    "transfer_group",
+}
 REFUND_CREATE_PARAMS = {
-    "charge", "payment_intent", "amount", "reason", "metadata", "instructions_email", "refund_application_fee",
-    "reverse_transfer", "origin", "currency", "customer",
+    "charge",
+    "payment_intent",
+    "amount",
+    "reason",
+    "metadata",
+    "instructions_email",
+    "refund_application_fee",
+    "reverse_transfer",
+    "origin",
+    "currency",
+    "customer",
 }
 REFUND_UPDATE_PARAMS = {"metadata"}
 PM_CREATE_PARAMS = {"type", "card", "billing_details", "metadata"}
 LIST_PARAMS = {"limit", "starting_after", "ending_before", "created"}
 
 _ALPHABET = string.ascii_letters + string.digits
-_rng = random.Random(os.urandom(16))
+# Object ids need to be unique, not unguessable; a seeded PRNG is much faster than secrets.
+_rng = random.Random(os.urandom(16))  # noqa: S311
 
 
 def new_id(prefix: str, length: int = 24) -> str:
@@ -98,16 +176,18 @@ def format_amount(amount: int, currency: str) -> str:
 
 @dataclass
 class RequestContext:
-    request_id: Optional[str] = None
-    idempotency_key: Optional[str] = None
+    request_id: str | None = None
+    idempotency_key: str | None = None
 
 
 class Rec:
     """One stored object: its API dict plus what the emulator knows about it."""
 
-    __slots__ = ("obj", "seq", "kind", "card")
+    __slots__ = ("card", "kind", "obj", "seq")
 
-    def __init__(self, obj: dict[str, Any], seq: int, kind: str, card: Optional[TestCard] = None) -> None:
+    def __init__(
+        self, obj: dict[str, Any], seq: int, kind: str, card: TestCard | None = None
+    ) -> None:
         self.obj = obj
         self.seq = seq
         self.kind = kind
@@ -158,7 +238,7 @@ class Store:
         self,
         config: Config,
         scheduler: Scheduler,
-        on_event: Optional[Callable[[dict[str, Any]], None]] = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.lock = threading.RLock()
@@ -192,14 +272,14 @@ class Store:
     def _now(self) -> int:
         return int(self.clock())
 
-    def _add(self, kind: str, obj: dict[str, Any], card: Optional[TestCard] = None) -> Rec:
+    def _add(self, kind: str, obj: dict[str, Any], card: TestCard | None = None) -> Rec:
         self._seq += 1
         rec = Rec(obj, self._seq, kind, card)
         self.objects[obj["id"]] = rec
         self.lists[kind].append(rec)
         return rec
 
-    def _get(self, kind: str, object_id: Optional[str], *, param: Optional[str] = None) -> Rec:
+    def _get(self, kind: str, object_id: str | None, *, param: str | None = None) -> Rec:
         rec = self.objects.get(object_id) if object_id else None
         if rec is None or rec.kind != kind:
             raise missing(_KIND_NAMES[kind], str(object_id), param=param)
@@ -209,8 +289,8 @@ class Store:
         self,
         event_type: str,
         obj: dict[str, Any],
-        ctx: Optional[RequestContext],
-        previous: Optional[dict[str, Any]] = None,
+        ctx: RequestContext | None,
+        previous: dict[str, Any] | None = None,
     ) -> None:
         data: dict[str, Any] = {"object": copy_json(obj)}
         if previous is not None:
@@ -276,19 +356,23 @@ class Store:
 
     def _list(
         self,
-        index: Optional[IndexList],
+        index: IndexList | None,
         params: dict[str, Any],
         url: str,
         *,
         allowed: Iterable[str] = (),
-        match: Optional[Callable[[Rec], bool]] = None,
+        match: Callable[[Rec], bool] | None = None,
     ) -> dict[str, Any]:
         p = Params(params, set(allowed) | LIST_PARAMS)
         limit = p.integer("limit", minimum=1)
         if limit is None:
             limit = 10
         if limit > 100:
-            raise param_error("This value must be less than or equal to 100.", code="parameter_invalid_integer", param="limit")
+            raise param_error(
+                "This value must be less than or equal to 100.",
+                code="parameter_invalid_integer",
+                param="limit",
+            )
         starting_after = p.string("starting_after")
         ending_before = p.string("ending_before")
         if starting_after and ending_before:
@@ -349,18 +433,29 @@ class Store:
     def _anchor(self, object_id: str, param: str) -> Rec:
         rec = self.objects.get(object_id)
         if rec is None:
-            raise StripeError(404, f"No such object: '{object_id}'", code="resource_missing", param=param)
+            raise StripeError(
+                404, f"No such object: '{object_id}'", code="resource_missing", param=param
+            )
         return rec
 
     # -------------------------------------------------------- payment methods
 
-    def _payment_method_obj(self, card: TestCard, metadata: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    def _payment_method_obj(
+        self, card: TestCard, metadata: dict[str, str] | None = None
+    ) -> dict[str, Any]:
         return {
             "id": new_id("pm"),
             "object": "payment_method",
             "allow_redisplay": "unspecified",
             "billing_details": {
-                "address": {"city": None, "country": None, "line1": None, "line2": None, "postal_code": None, "state": None},
+                "address": {
+                    "city": None,
+                    "country": None,
+                    "line1": None,
+                    "line2": None,
+                    "postal_code": None,
+                    "state": None,
+                },
                 "email": None,
                 "name": None,
                 "phone": None,
@@ -373,7 +468,7 @@ class Store:
             "type": "card",
         }
 
-    def _new_payment_method(self, card: TestCard, metadata: Optional[dict[str, str]] = None) -> Rec:
+    def _new_payment_method(self, card: TestCard, metadata: dict[str, str] | None = None) -> Rec:
         return self._add("payment_method", self._payment_method_obj(card, metadata), card)
 
     def _resolve_payment_method(self, value: str, param: str = "payment_method") -> Rec:
@@ -387,10 +482,14 @@ class Store:
 
     def _payment_method_from_data(self, data: dict[str, Any], param: str) -> Rec:
         if data.get("type", "card") != "card":
-            raise param_error("Only payment_method_data[type]=card is supported.", param=f"{param}[type]")
+            raise param_error(
+                "Only payment_method_data[type]=card is supported.", param=f"{param}[type]"
+            )
         card_data = data.get("card")
         if not isinstance(card_data, dict):
-            raise param_error("Missing required param: card.", code="parameter_missing", param=f"{param}[card]")
+            raise param_error(
+                "Missing required param: card.", code="parameter_missing", param=f"{param}[card]"
+            )
         card = _card_from_params(card_data, f"{param}[card]")
         return self._new_payment_method(card)
 
@@ -399,7 +498,9 @@ class Store:
         p.enum("type", ["card"], default="card")
         card_data = p.mapping("card")
         if card_data is None:
-            raise param_error("Missing required param: card.", code="parameter_missing", param="card")
+            raise param_error(
+                "Missing required param: card.", code="parameter_missing", param="card"
+            )
         card = _card_from_params(card_data, "card")
         rec = self._new_payment_method(card, p.metadata())
         return self.render(rec.obj, p.expand())
@@ -414,27 +515,35 @@ class Store:
         p = Params(params, PI_CREATE_PARAMS)
         amount = p.integer("amount", required=True, minimum=1)
         currency = p.currency(required=True)
-        capture_method = p.enum("capture_method", ["automatic", "automatic_async", "manual"], default="automatic_async")
+        capture_method = p.enum(
+            "capture_method", ["automatic", "automatic_async", "manual"], default="automatic_async"
+        )
         if capture_method == "manual":
-            raise param_error("The emulator supports only automatic capture (capture_method=automatic).", param="capture_method")
+            raise param_error(
+                "The emulator supports only automatic capture (capture_method=automatic).",
+                param="capture_method",
+            )
         confirm = p.boolean("confirm")
         metadata = p.metadata() or {}
         description = p.string("description")
         pm_rec = self._payment_method_param(p)
         assert amount is not None and currency is not None
-        pi = self._payment_intent_obj(amount, currency, capture_method or "automatic_async", metadata, description, pm_rec)
+        pi = self._payment_intent_obj(
+            amount, currency, capture_method or "automatic_async", metadata, description, pm_rec
+        )
         rec = self._add("payment_intent", pi)
         self._emit("payment_intent.created", pi, ctx)
         if confirm:
             self._confirm(rec, ctx)
         return self.render(pi, p.expand())
 
-    def _payment_method_param(self, p: Params) -> Optional[Rec]:
+    def _payment_method_param(self, p: Params) -> Rec | None:
         pm_value = p.string("payment_method")
         pm_data = p.mapping("payment_method_data")
         if pm_value and pm_data:
             raise param_error(
-                "You may only specify one of these parameters: payment_method, payment_method_data.",
+                "You may only specify one of these parameters: payment_method, "
+                "payment_method_data.",
                 code="parameters_exclusive",
                 param="payment_method_data",
             )
@@ -450,8 +559,8 @@ class Store:
         currency: str,
         capture_method: str,
         metadata: dict[str, str],
-        description: Optional[str],
-        pm_rec: Optional[Rec],
+        description: str | None,
+        pm_rec: Rec | None,
     ) -> dict[str, Any]:
         pi_id = new_id("pi")
         return {
@@ -500,7 +609,9 @@ class Store:
         p = Params(params, ("client_secret",))
         return self.render(self._get("payment_intent", pi_id).obj, p.expand())
 
-    def update_payment_intent(self, pi_id: str, params: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+    def update_payment_intent(
+        self, pi_id: str, params: dict[str, Any], ctx: RequestContext
+    ) -> dict[str, Any]:
         p = Params(params, PI_UPDATE_PARAMS)
         rec = self._get("payment_intent", pi_id)
         pi = rec.obj
@@ -528,7 +639,9 @@ class Store:
             pi["status"] = "requires_confirmation"
         return self.render(pi, p.expand())
 
-    def confirm_payment_intent(self, pi_id: str, params: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+    def confirm_payment_intent(
+        self, pi_id: str, params: dict[str, Any], ctx: RequestContext
+    ) -> dict[str, Any]:
         p = Params(params, PI_CONFIRM_PARAMS)
         rec = self._get("payment_intent", pi_id)
         pm_rec = self._payment_method_param(p)
@@ -549,7 +662,8 @@ class Store:
             )
         if not pi["payment_method"]:
             raise invalid(
-                "You cannot confirm this PaymentIntent because it's missing a payment method. To confirm the "
+                "You cannot confirm this PaymentIntent because it's missing a payment method. To "
+                "confirm the "
                 "PaymentIntent with a PaymentMethod, pass `payment_method`.",
                 code="payment_intent_unexpected_state",
                 param="payment_method",
@@ -559,7 +673,10 @@ class Store:
         card = pm_rec.card or cards.CARDS["visa"]
         if card.behavior == cards.REQUIRES_ACTION and pi["status"] != "requires_action":
             pi["status"] = "requires_action"
-            pi["next_action"] = {"type": "use_stripe_sdk", "use_stripe_sdk": {"type": "three_d_secure_redirect"}}
+            pi["next_action"] = {
+                "type": "use_stripe_sdk",
+                "use_stripe_sdk": {"type": "three_d_secure_redirect"},
+            }
             self._emit("payment_intent.requires_action", pi, ctx)
             return
         pi["next_action"] = None
@@ -582,7 +699,8 @@ class Store:
                 "decline_code": card.decline_code,
                 "message": card.message,
                 "charge": charge["id"],
-                "doc_url": "https://docs.stripe.com/error-codes/" + card.error_code.replace("_", "-"),
+                "doc_url": "https://docs.stripe.com/error-codes/"
+                + card.error_code.replace("_", "-"),
                 "payment_method": copy_json(pm_rec.obj),
             }
             pi["status"] = "requires_payment_method"
@@ -605,15 +723,20 @@ class Store:
         self._emit("payment_intent.succeeded", pi, ctx)
         self._maybe_dispute(charge_rec, ctx)
 
-    def cancel_payment_intent(self, pi_id: str, params: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+    def cancel_payment_intent(
+        self, pi_id: str, params: dict[str, Any], ctx: RequestContext
+    ) -> dict[str, Any]:
         p = Params(params, PI_CANCEL_PARAMS)
         reason = p.enum("cancellation_reason", CANCELLATION_REASONS)
         rec = self._get("payment_intent", pi_id)
         pi = rec.obj
         if pi["status"] not in CANCELABLE_PI_STATUSES:
             raise invalid(
-                f"You cannot cancel this PaymentIntent because it has a status of {pi['status']}. Only a "
-                "PaymentIntent with one of the following statuses may be canceled: " + ", ".join(CANCELABLE_PI_STATUSES) + ".",
+                f"You cannot cancel this PaymentIntent because it has a status of {pi['status']}. "
+                "Only a "
+                "PaymentIntent with one of the following statuses may be canceled: "
+                + ", ".join(CANCELABLE_PI_STATUSES)
+                + ".",
                 code="payment_intent_unexpected_state",
                 payment_intent=copy_json(pi),
             )
@@ -627,7 +750,9 @@ class Store:
     def list_payment_intents(self, params: dict[str, Any]) -> dict[str, Any]:
         if params.get("customer"):
             return self._list(None, params, "/v1/payment_intents", allowed=("customer",))
-        return self._list(self.lists["payment_intent"], params, "/v1/payment_intents", allowed=("customer",))
+        return self._list(
+            self.lists["payment_intent"], params, "/v1/payment_intents", allowed=("customer",)
+        )
 
     # ---------------------------------------------------------------- charges
 
@@ -637,15 +762,17 @@ class Store:
         amount: int,
         currency: str,
         card: TestCard,
-        pm_id: Optional[str],
-        pi_id: Optional[str],
-        description: Optional[str],
+        pm_id: str | None,
+        pi_id: str | None,
+        description: str | None,
         metadata: dict[str, str],
-        ctx: Optional[RequestContext],
+        ctx: RequestContext | None,
         emit: bool = True,
     ) -> Rec:
         declined = card.behavior == cards.DECLINE
-        charge = self._charge_obj(amount, currency, card, pm_id, pi_id, description, metadata, declined)
+        charge = self._charge_obj(
+            amount, currency, card, pm_id, pi_id, description, metadata, declined
+        )
         rec = self._add("charge", charge, card)
         if pi_id:
             self.charges_by_pi[pi_id].append(rec)
@@ -658,9 +785,9 @@ class Store:
         amount: int,
         currency: str,
         card: TestCard,
-        pm_id: Optional[str],
-        pi_id: Optional[str],
-        description: Optional[str],
+        pm_id: str | None,
+        pi_id: str | None,
+        description: str | None,
         metadata: dict[str, str],
         declined: bool,
     ) -> dict[str, Any]:
@@ -694,7 +821,14 @@ class Store:
             "application_fee_amount": None,
             "balance_transaction": None if declined else new_id("txn"),
             "billing_details": {
-                "address": {"city": None, "country": None, "line1": None, "line2": None, "postal_code": None, "state": None},
+                "address": {
+                    "city": None,
+                    "country": None,
+                    "line1": None,
+                    "line2": None,
+                    "postal_code": None,
+                    "state": None,
+                },
                 "email": None,
                 "name": None,
                 "phone": None,
@@ -738,10 +872,14 @@ class Store:
         amount = p.integer("amount", required=True, minimum=1)
         currency = p.currency(required=True)
         if not p.boolean("capture", default=True):
-            raise param_error("The emulator supports only captured charges (capture=true).", param="capture")
+            raise param_error(
+                "The emulator supports only captured charges (capture=true).", param="capture"
+            )
         source = p.string("source")
         if source is None:
-            raise param_error("Must provide source or customer.", code="parameter_missing", param="source")
+            raise param_error(
+                "Must provide source or customer.", code="parameter_missing", param="source"
+            )
         metadata = p.metadata() or {}
         description = p.string("description")
         assert amount is not None and currency is not None
@@ -757,7 +895,9 @@ class Store:
             amount=amount,
             currency=currency,
             card=card,
-            pm_id=pm_rec.obj["id"] if pm_rec is not None and pm_rec.kind == "payment_method" else new_id("card"),
+            pm_id=pm_rec.obj["id"]
+            if pm_rec is not None and pm_rec.kind == "payment_method"
+            else new_id("card"),
             pi_id=None,
             description=description,
             metadata=metadata,
@@ -780,7 +920,9 @@ class Store:
         p = Params(params, ())
         return self.render(self._get("charge", charge_id).obj, p.expand())
 
-    def update_charge(self, charge_id: str, params: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+    def update_charge(
+        self, charge_id: str, params: dict[str, Any], ctx: RequestContext
+    ) -> dict[str, Any]:
         p = Params(params, CHARGE_UPDATE_PARAMS)
         rec = self._get("charge", charge_id)
         charge = rec.obj
@@ -803,16 +945,23 @@ class Store:
         if params.get("customer") or params.get("transfer_group"):
             return self._list(None, params, "/v1/charges", allowed=allowed)
         if pi_id:
-            return self._list(self.charges_by_pi.get(str(pi_id)), params, "/v1/charges", allowed=allowed)
+            return self._list(
+                self.charges_by_pi.get(str(pi_id)), params, "/v1/charges", allowed=allowed
+            )
         return self._list(self.lists["charge"], params, "/v1/charges", allowed=allowed)
 
     # --------------------------------------------------------------- disputes
 
-    def _maybe_dispute(self, charge_rec: Rec, ctx: Optional[RequestContext]) -> None:
+    def _maybe_dispute(self, charge_rec: Rec, ctx: RequestContext | None) -> None:
         card = charge_rec.card
         if card is None or card.behavior not in (cards.DISPUTE, cards.DISPUTE_INQUIRY):
             return
-        self.dispute_charge(charge_rec.obj["id"], reason=card.dispute_reason, inquiry=card.behavior == cards.DISPUTE_INQUIRY, ctx=ctx)
+        self.dispute_charge(
+            charge_rec.obj["id"],
+            reason=card.dispute_reason,
+            inquiry=card.behavior == cards.DISPUTE_INQUIRY,
+            ctx=ctx,
+        )
 
     def dispute_charge(
         self,
@@ -820,7 +969,7 @@ class Store:
         *,
         reason: str = "fraudulent",
         inquiry: bool = False,
-        ctx: Optional[RequestContext] = None,
+        ctx: RequestContext | None = None,
     ) -> dict[str, Any]:
         rec = self._get("charge", charge_id)
         charge = rec.obj
@@ -836,7 +985,12 @@ class Store:
             "created": now,
             "currency": charge["currency"],
             "evidence": {},
-            "evidence_details": {"due_by": now + 7 * 86400, "has_evidence": False, "past_due": False, "submission_count": 0},
+            "evidence_details": {
+                "due_by": now + 7 * 86400,
+                "has_evidence": False,
+                "past_due": False,
+                "submission_count": 0,
+            },
             "is_charge_refundable": inquiry,
             "livemode": False,
             "metadata": {},
@@ -859,14 +1013,26 @@ class Store:
     def list_disputes(self, params: dict[str, Any]) -> dict[str, Any]:
         allowed = ("charge", "payment_intent")
         if params.get("charge"):
-            return self._list(self.disputes_by_charge.get(str(params["charge"])), params, "/v1/disputes", allowed=allowed)
+            return self._list(
+                self.disputes_by_charge.get(str(params["charge"])),
+                params,
+                "/v1/disputes",
+                allowed=allowed,
+            )
         if params.get("payment_intent"):
-            return self._list(self.disputes_by_pi.get(str(params["payment_intent"])), params, "/v1/disputes", allowed=allowed)
+            return self._list(
+                self.disputes_by_pi.get(str(params["payment_intent"])),
+                params,
+                "/v1/disputes",
+                allowed=allowed,
+            )
         return self._list(self.lists["dispute"], params, "/v1/disputes", allowed=allowed)
 
     # ---------------------------------------------------------------- refunds
 
-    def create_refund(self, params: dict[str, Any], ctx: RequestContext, *, charge_id: Optional[str] = None) -> dict[str, Any]:
+    def create_refund(
+        self, params: dict[str, Any], ctx: RequestContext, *, charge_id: str | None = None
+    ) -> dict[str, Any]:
         p = Params(params, REFUND_CREATE_PARAMS)
         if charge_id is None:
             charge_id = p.string("charge")
@@ -882,7 +1048,8 @@ class Store:
             )
         if not charge_id and not pi_id:
             raise param_error(
-                "One of the following params should be provided for this request: charge or payment_intent.",
+                "One of the following params should be provided for this request: charge or "
+                "payment_intent.",
                 code="parameter_missing",
             )
         if pi_id:
@@ -902,8 +1069,8 @@ class Store:
     def _refund_charge(
         self,
         charge_rec: Rec,
-        amount: Optional[int],
-        reason: Optional[str],
+        amount: int | None,
+        reason: str | None,
         metadata: dict[str, str],
         ctx: RequestContext,
     ) -> Rec:
@@ -912,15 +1079,21 @@ class Store:
         if charge["status"] != "succeeded":
             raise invalid(f"Charge {cid} has not succeeded and cannot be refunded.", param="charge")
         if self._charged_back(cid):
-            raise invalid(f"Charge {cid} has been charged back; cannot issue a refund.", code="charge_disputed")
+            raise invalid(
+                f"Charge {cid} has been charged back; cannot issue a refund.",
+                code="charge_disputed",
+            )
         remaining = charge["amount_captured"] - charge["amount_refunded"]
         if remaining <= 0:
-            raise invalid(f"Charge {cid} has already been refunded.", code="charge_already_refunded")
+            raise invalid(
+                f"Charge {cid} has already been refunded.", code="charge_already_refunded"
+            )
         if amount is None:
             amount = remaining
         if amount > remaining:
             raise invalid(
-                f"Refund amount ({format_amount(amount, charge['currency'])}) is greater than unrefunded amount "
+                f"Refund amount ({format_amount(amount, charge['currency'])}) is greater than "
+                "unrefunded amount "
                 f"on charge ({format_amount(remaining, charge['currency'])})",
                 code="amount_too_large",
                 param="amount",
@@ -936,7 +1109,11 @@ class Store:
             "created": self._now(),
             "currency": charge["currency"],
             "destination_details": {
-                "card": {"reference_status": "pending", "reference_type": "acquirer_reference_number", "type": "refund"},
+                "card": {
+                    "reference_status": "pending",
+                    "reference_type": "acquirer_reference_number",
+                    "type": "refund",
+                },
                 "type": "card",
             },
             "failure_reason": None,
@@ -965,11 +1142,13 @@ class Store:
         generation = self.generation
         if behavior == cards.PENDING_REFUND:
             self.scheduler.call_later(
-                self.config.pending_refund_delay, lambda: self._scheduled(generation, refund["id"], "succeed")
+                self.config.pending_refund_delay,
+                lambda: self._scheduled(generation, refund["id"], "succeed"),
             )
         elif behavior == cards.REFUND_FAIL:
             self.scheduler.call_later(
-                self.config.failing_refund_delay, lambda: self._scheduled(generation, refund["id"], "fail")
+                self.config.failing_refund_delay,
+                lambda: self._scheduled(generation, refund["id"], "fail"),
             )
         return rec
 
@@ -997,15 +1176,17 @@ class Store:
         refund["status"] = status
         return old
 
-    def _succeed_refund(self, rec: Rec, ctx: Optional[RequestContext]) -> None:
+    def _succeed_refund(self, rec: Rec, ctx: RequestContext | None) -> None:
         refund = rec.obj
         old = self._set_refund_status(rec, "succeeded")
         refund["pending_reason"] = None
-        previous = {"status": old, "pending_reason": "processing"} if old == "pending" else {"status": old}
+        previous = (
+            {"status": old, "pending_reason": "processing"} if old == "pending" else {"status": old}
+        )
         self._emit("refund.updated", refund, ctx, previous)
         self._emit("charge.refund.updated", refund, ctx, previous)
 
-    def _fail_refund(self, rec: Rec, failure_reason: str, ctx: Optional[RequestContext]) -> None:
+    def _fail_refund(self, rec: Rec, failure_reason: str, ctx: RequestContext | None) -> None:
         refund = rec.obj
         old = self._set_refund_status(rec, "failed")
         refund["failure_reason"] = failure_reason
@@ -1024,7 +1205,9 @@ class Store:
         p = Params(params, ())
         return self.render(self._get("refund", refund_id).obj, p.expand())
 
-    def update_refund(self, refund_id: str, params: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+    def update_refund(
+        self, refund_id: str, params: dict[str, Any], ctx: RequestContext
+    ) -> dict[str, Any]:
         p = Params(params, REFUND_UPDATE_PARAMS)
         rec = self._get("refund", refund_id)
         refund = rec.obj
@@ -1043,13 +1226,16 @@ class Store:
             self._emit("charge.refund.updated", refund, ctx, previous)
         return self.render(refund, p.expand())
 
-    def cancel_refund(self, refund_id: str, params: dict[str, Any], ctx: RequestContext) -> dict[str, Any]:
+    def cancel_refund(
+        self, refund_id: str, params: dict[str, Any], ctx: RequestContext
+    ) -> dict[str, Any]:
         p = Params(params, ())
         rec = self._get("refund", refund_id)
         refund = rec.obj
         if refund["status"] != "requires_action":
             raise invalid(
-                f"Refund {refund_id} has a status of {refund['status']}; only refunds with a status of "
+                f"Refund {refund_id} has a status of {refund['status']}; only refunds with a "
+                "status of "
                 "requires_action can be canceled."
             )
         self._set_refund_status(rec, "canceled")
@@ -1062,14 +1248,26 @@ class Store:
     def list_refunds(self, params: dict[str, Any]) -> dict[str, Any]:
         allowed = ("charge", "payment_intent")
         if params.get("charge"):
-            return self._list(self.refunds_by_charge.get(str(params["charge"])), params, "/v1/refunds", allowed=allowed)
+            return self._list(
+                self.refunds_by_charge.get(str(params["charge"])),
+                params,
+                "/v1/refunds",
+                allowed=allowed,
+            )
         if params.get("payment_intent"):
-            return self._list(self.refunds_by_pi.get(str(params["payment_intent"])), params, "/v1/refunds", allowed=allowed)
+            return self._list(
+                self.refunds_by_pi.get(str(params["payment_intent"])),
+                params,
+                "/v1/refunds",
+                allowed=allowed,
+            )
         return self._list(self.lists["refund"], params, "/v1/refunds", allowed=allowed)
 
     def list_charge_refunds(self, charge_id: str, params: dict[str, Any]) -> dict[str, Any]:
         self._get("charge", charge_id)
-        return self._list(self.refunds_by_charge.get(charge_id), params, f"/v1/charges/{charge_id}/refunds")
+        return self._list(
+            self.refunds_by_charge.get(charge_id), params, f"/v1/charges/{charge_id}/refunds"
+        )
 
     # ----------------------------------------------------------------- events
 
@@ -1083,16 +1281,22 @@ class Store:
         types = params.get("types")
         if isinstance(types, str):
             types = [types]
-        if types is not None and not (isinstance(types, list) and all(isinstance(t, str) for t in types)):
+        if types is not None and not (
+            isinstance(types, list) and all(isinstance(t, str) for t in types)
+        ):
             raise param_error("Invalid array", param="types")
         if event_type is not None and not isinstance(event_type, str):
             raise param_error("Invalid string", param="type")
         if event_type and types:
             raise param_error(
-                "You may only specify one of these parameters: type, types.", code="parameters_exclusive", param="types"
+                "You may only specify one of these parameters: type, types.",
+                code="parameters_exclusive",
+                param="types",
             )
         if event_type and "*" not in event_type:
-            return self._list(self.events_by_type.get(event_type), params, "/v1/events", allowed=allowed)
+            return self._list(
+                self.events_by_type.get(event_type), params, "/v1/events", allowed=allowed
+            )
         patterns = [event_type] if event_type else (types or [])
         if not patterns:
             return self._list(self.lists["event"], params, "/v1/events", allowed=allowed)
@@ -1114,10 +1318,12 @@ class Store:
         amount: int,
         currency: str,
         payment_method: str,
-        metadata: Optional[dict[str, str]] = None,
+        metadata: dict[str, str] | None = None,
         events: bool = False,
     ) -> dict[str, list[str]]:
-        """Create ``count`` succeeded PaymentIntents with their charges, fast (no events unless asked)."""
+        """Create ``count`` succeeded PaymentIntents with their charges, fast.
+
+        No events (and so no webhooks) unless ``events``."""
         card = cards.by_alias(payment_method)
         if card is None:
             raise ValueError(f"unknown test payment method: {payment_method}")
@@ -1129,7 +1335,9 @@ class Store:
             pm_rec = self._new_payment_method(card)
             pm_id = pm_rec.obj["id"]
             for _ in range(count):
-                pi = self._payment_intent_obj(amount, currency, "automatic_async", dict(metadata or {}), None, pm_rec)
+                pi = self._payment_intent_obj(
+                    amount, currency, "automatic_async", dict(metadata or {}), None, pm_rec
+                )
                 pi_rec = self._add("payment_intent", pi)
                 charge_rec = self._charge(
                     amount=amount,
@@ -1154,7 +1362,7 @@ class Store:
                 charge_ids.append(charge_rec.obj["id"])
         return {"payment_intents": pi_ids, "charges": charge_ids}
 
-    def admin_refunds(self, refund_id: Optional[str] = None) -> list[dict[str, Any]]:
+    def admin_refunds(self, refund_id: str | None = None) -> list[dict[str, Any]]:
         with self.lock:
             if refund_id is not None:
                 index = self.refunds_by_refund_id.get(refund_id)
@@ -1163,17 +1371,24 @@ class Store:
                 recs = self.lists["refund"].recs
             return [copy_json(r.obj) for r in recs]
 
-    def admin_move_refund(self, refund_id: str, action: str, failure_reason: Optional[str] = None) -> dict[str, Any]:
+    def admin_move_refund(
+        self, refund_id: str, action: str, failure_reason: str | None = None
+    ) -> dict[str, Any]:
         with self.lock:
             rec = self._get("refund", refund_id)
             status = rec.obj["status"]
             if action == "succeed":
                 if status not in ("pending", "requires_action"):
-                    raise invalid(f"Refund {refund_id} is {status}; only a pending refund can succeed.")
+                    raise invalid(
+                        f"Refund {refund_id} is {status}; only a pending refund can succeed."
+                    )
                 self._succeed_refund(rec, None)
             else:
                 if status not in ("pending", "requires_action", "succeeded"):
-                    raise invalid(f"Refund {refund_id} is {status}; only a pending or succeeded refund can fail.")
+                    raise invalid(
+                        f"Refund {refund_id} is {status}; only a pending or succeeded refund can "
+                        "fail."
+                    )
                 self._fail_refund(rec, failure_reason or "expired_or_canceled_card", None)
             return copy_json(rec.obj)
 
@@ -1184,7 +1399,9 @@ class Store:
                 "charges": len(self.lists["charge"]),
                 "refunds": len(self.lists["refund"]),
                 "refunds_by_status": {k: v for k, v in self.refund_status_counts.items() if v},
-                "refunds_by_metadata_refund_id": {k: len(v) for k, v in self.refunds_by_refund_id.items() if len(v)},
+                "refunds_by_metadata_refund_id": {
+                    k: len(v) for k, v in self.refunds_by_refund_id.items() if len(v)
+                },
                 "disputes": len(self.lists["dispute"]),
                 "events": len(self.lists["event"]),
             }
@@ -1193,7 +1410,11 @@ class Store:
 def _card_details(card: TestCard) -> dict[str, Any]:
     return {
         "brand": card.brand,
-        "checks": {"address_line1_check": None, "address_postal_code_check": None, "cvc_check": "pass"},
+        "checks": {
+            "address_line1_check": None,
+            "address_postal_code_check": None,
+            "cvc_check": "pass",
+        },
         "country": "US",
         "exp_month": 12,
         "exp_year": 2034,
@@ -1213,14 +1434,24 @@ def _card_from_params(card_data: dict[str, Any], param: str) -> TestCard:
         return found
     number = card_data.get("number")
     if not isinstance(number, str) or not number:
-        raise param_error("Missing required param: card[number].", code="parameter_missing", param=f"{param}[number]")
+        raise param_error(
+            "Missing required param: card[number].",
+            code="parameter_missing",
+            param=f"{param}[number]",
+        )
     found = cards.by_number(number)
     if found is None:
-        raise StripeError(402, "Your card number is incorrect.", type="card_error", code="incorrect_number", param=f"{param}[number]")
+        raise StripeError(
+            402,
+            "Your card number is incorrect.",
+            type="card_error",
+            code="incorrect_number",
+            param=f"{param}[number]",
+        )
     return found
 
 
-def _created_bounds(value: Any) -> tuple[Optional[int], Optional[int]]:
+def _created_bounds(value: Any) -> tuple[int | None, int | None]:
     """``created`` as ``(lowest, highest)`` inclusive bounds."""
     if value is None or value == "":
         return None, None
@@ -1235,8 +1466,8 @@ def _created_bounds(value: Any) -> tuple[Optional[int], Optional[int]]:
         return exact, exact
     if not isinstance(value, dict):
         raise param_error("Invalid hash", param="created")
-    lower: Optional[int] = None
-    upper: Optional[int] = None
+    lower: int | None = None
+    upper: int | None = None
     for op, raw in value.items():
         bound = as_int(raw, f"created[{op}]")
         if op == "gt":
@@ -1248,5 +1479,9 @@ def _created_bounds(value: Any) -> tuple[Optional[int], Optional[int]]:
         elif op == "lte":
             upper = bound
         else:
-            raise param_error(f"Received unknown parameter: created[{op}]", code="parameter_unknown", param=f"created[{op}]")
+            raise param_error(
+                f"Received unknown parameter: created[{op}]",
+                code="parameter_unknown",
+                param=f"created[{op}]",
+            )
     return lower, upper

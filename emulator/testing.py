@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import requests
 
@@ -65,12 +65,20 @@ class Admin:
                 self._sessions.append(session)
         return session
 
-    def request(self, method: str, path: str, body: Any = None, params: Optional[dict[str, str]] = None) -> Any:
+    def request(
+        self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None
+    ) -> Any:
         response = self._session().request(
-            method, f"{self.url}/_emulator/{path.lstrip('/')}", json=body, params=params, timeout=self.timeout
+            method,
+            f"{self.url}/_emulator/{path.lstrip('/')}",
+            json=body,
+            params=params,
+            timeout=self.timeout,
         )
         if not 200 <= response.status_code < 300:
-            raise EmulatorError(f"{method} /_emulator/{path} answered {response.status_code}: {response.text}")
+            raise EmulatorError(
+                f"{method} /_emulator/{path} answered {response.status_code}: {response.text}"
+            )
         return response.json()
 
     def close(self) -> None:
@@ -91,12 +99,12 @@ class Admin:
         - ``latency_ms``: added to every Stripe API call.
         - ``rate_limit_rps``: token bucket over all Stripe API calls; beyond it 429 ``rate_limit``
           with ``Retry-After: 1``. ``None`` turns it off.
-        - ``fail_next={"status": 500|502|503|429, "count": N, "path_prefix": "/v1/refunds", "method": "POST"}``:
-          the next N matching requests get that error and change nothing.
-        - ``timeout_next={"count": N, "seconds": S, "path_prefix": ..., "method": ...}``: hang S seconds,
-          then close the connection without an answer; nothing is applied.
-        - ``drop_after_apply_next={"count": N, "path_prefix": ..., "method": ...}``: apply the request
-          (and save it for idempotent replay), then close the connection without an answer.
+        - ``fail_next={"status": 500|502|503|429, "count": N, "path_prefix": "/v1/refunds",
+          "method": "POST"}``: the next N matching requests get that error and change nothing.
+        - ``timeout_next={"count": N, "seconds": S, "path_prefix": ..., "method": ...}``:
+          hang S seconds, then close the connection without an answer; nothing is applied.
+        - ``drop_after_apply_next={"count": N, "path_prefix": ..., "method": ...}``: apply the
+          request (and save it for idempotent replay), then close the connection unanswered.
 
         A field set to ``None`` clears that fault.
         """
@@ -111,9 +119,10 @@ class Admin:
     # Observation -------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """Counters: ``requests`` by ``"METHOD /v1/path/{id}"``, ``responses`` by status, ``rate_limited``,
-        ``faults_fired``, ``idempotent_replays``, ``refunds``, ``refunds_by_status``,
-        ``refunds_by_metadata_refund_id``, ``payment_intents``, ``charges``, ``events``,
+        """Counters: ``requests`` by ``"METHOD /v1/path/{id}"``, ``responses`` by status,
+        ``rate_limited``, ``faults_fired``, ``idempotent_replays``, ``refunds``,
+        ``refunds_by_status``, ``refunds_by_metadata_refund_id``, ``payment_intents``,
+        ``charges``, ``events``,
         ``webhooks`` (``delivered``, ``failed_attempts``, ``gave_up``, ``pending``)."""
         return self.request("GET", "stats")
 
@@ -121,19 +130,24 @@ class Admin:
         """Zero the request, fault and webhook counters (objects stay)."""
         return self.request("DELETE", "stats")
 
-    def refunds(self, metadata_refund_id: Optional[str] = None) -> list[dict[str, Any]]:
-        """All Stripe refunds, oldest first, or those whose ``metadata[refund_id]`` is the given one."""
-        params = {"metadata_refund_id": metadata_refund_id} if metadata_refund_id is not None else None
+    def refunds(self, metadata_refund_id: str | None = None) -> list[dict[str, Any]]:
+        """All Stripe refunds, oldest first, or those whose ``metadata[refund_id]`` is this one."""
+        params = (
+            {"metadata_refund_id": metadata_refund_id} if metadata_refund_id is not None else None
+        )
         return self.request("GET", "refunds", params=params)["data"]
 
     def webhook_deliveries(self) -> dict[str, Any]:
-        """``{"pending": n, "deliveries": [{"event", "type", "attempt", "status", "error", "ok", "at"}]}``."""
+        """``{"pending": n, "deliveries": [...]}``, each delivery attempt being
+        ``{"event", "type", "attempt", "status", "error", "ok", "at"}`` (the last 1000)."""
         return self.request("GET", "webhooks")
 
     # Moving things along -----------------------------------------------------
 
-    def fail_refund(self, refund_id: str, failure_reason: Optional[str] = None) -> dict[str, Any]:
-        """Fail a pending or succeeded refund (``refund.failed``, ``refund.updated``, ``charge.refund.updated``)."""
+    def fail_refund(self, refund_id: str, failure_reason: str | None = None) -> dict[str, Any]:
+        """Fail a pending or succeeded refund.
+
+        Emits ``refund.failed``, ``refund.updated`` and ``charge.refund.updated``."""
         body = {"failure_reason": failure_reason} if failure_reason else {}
         return self.request("POST", f"refunds/{refund_id}/fail", body)
 
@@ -141,9 +155,15 @@ class Admin:
         """Complete a pending refund (``refund.updated``, ``charge.refund.updated``)."""
         return self.request("POST", f"refunds/{refund_id}/succeed", {})
 
-    def dispute_charge(self, charge_id: str, *, reason: str = "fraudulent", inquiry: bool = False) -> dict[str, Any]:
-        """Open a dispute on a succeeded charge (``charge.dispute.created``); an inquiry still allows refunds."""
-        return self.request("POST", f"charges/{charge_id}/dispute", {"reason": reason, "inquiry": inquiry})
+    def dispute_charge(
+        self, charge_id: str, *, reason: str = "fraudulent", inquiry: bool = False
+    ) -> dict[str, Any]:
+        """Open a dispute on a succeeded charge (``charge.dispute.created``).
+
+        A charge with a dispute refuses refunds (``charge_disputed``), unless it is an inquiry."""
+        return self.request(
+            "POST", f"charges/{charge_id}/dispute", {"reason": reason, "inquiry": inquiry}
+        )
 
     def seed(
         self,
@@ -152,7 +172,7 @@ class Admin:
         amount: int = 1000,
         currency: str = "usd",
         payment_method: str = "pm_card_visa",
-        metadata: Optional[dict[str, str]] = None,
+        metadata: dict[str, str] | None = None,
         events: bool = False,
     ) -> dict[str, Any]:
         """Create ``count`` succeeded PaymentIntents with their charges, fast.
@@ -203,14 +223,14 @@ class EmulatorProcess:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
-        webhook_url: Optional[str] = None,
-        webhook_secret: str = "whsec_local",
-        pending_refund_delay: Optional[float] = None,
-        failing_refund_delay: Optional[float] = None,
-        idempotency_ttl: Optional[float] = None,
+        webhook_url: str | None = None,
+        webhook_secret: str = "whsec_local",  # noqa: S107 - the public local-dev default
+        pending_refund_delay: float | None = None,
+        failing_refund_delay: float | None = None,
+        idempotency_ttl: float | None = None,
         verbose: bool = False,
         startup_timeout: float = 15.0,
-        env: Optional[dict[str, str]] = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.host = host
         self.requested_port = port
@@ -222,10 +242,10 @@ class EmulatorProcess:
         self.verbose = verbose
         self.startup_timeout = startup_timeout
         self.env = env
-        self.process: Optional[subprocess.Popen[str]] = None
+        self.process: subprocess.Popen[str] | None = None
         self.url = ""
         self.port = 0
-        self._admin: Optional[Admin] = None
+        self._admin: Admin | None = None
 
     @property
     def admin(self) -> Admin:
@@ -234,7 +254,15 @@ class EmulatorProcess:
         return self._admin
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "emulator", "--host", self.host, "--port", str(self.requested_port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "emulator",
+            "--host",
+            self.host,
+            "--port",
+            str(self.requested_port),
+        ]
         if self.webhook_url:
             cmd += ["--webhook-url", self.webhook_url]
         cmd += ["--webhook-secret", self.webhook_secret]
@@ -248,7 +276,7 @@ class EmulatorProcess:
             cmd.append("--verbose")
         return cmd
 
-    def start(self) -> "EmulatorProcess":
+    def start(self) -> EmulatorProcess:
         env = dict(os.environ if self.env is None else self.env)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH", "")) if p)
         env["PYTHONUNBUFFERED"] = "1"
@@ -271,7 +299,9 @@ class EmulatorProcess:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise EmulatorError(f"the emulator exited at start with code {self.process.returncode}")
+                raise EmulatorError(
+                    f"the emulator exited at start with code {self.process.returncode}"
+                )
             ready, _, _ = select.select([self.process.stdout], [], [], 0.1)
             if ready:
                 line = self.process.stdout.readline()
@@ -293,7 +323,7 @@ class EmulatorProcess:
                     raise
                 time.sleep(0.05)
 
-    def stop(self, timeout: float = 5.0) -> Optional[int]:
+    def stop(self, timeout: float = 5.0) -> int | None:
         """Stop the process (SIGTERM, then SIGKILL after ``timeout``); returns its exit code."""
         if self._admin is not None:
             self._admin.close()
@@ -312,7 +342,7 @@ class EmulatorProcess:
             process.stdout.close()
         return process.returncode
 
-    def client(self, api_key: str = "sk_test_emulator", **kwargs: Any) -> "stripe.StripeClient":
+    def client(self, api_key: str = "sk_test_emulator", **kwargs: Any) -> stripe.StripeClient:
         """A ``stripe.StripeClient`` for this emulator (``max_network_retries=0`` unless given).
 
         Pass ``http_client=stripe.RequestsClient(timeout=...)`` for a client-side timeout.
@@ -322,7 +352,7 @@ class EmulatorProcess:
         kwargs.setdefault("max_network_retries", 0)
         return stripe.StripeClient(api_key, base_addresses={"api": self.url}, **kwargs)
 
-    def __enter__(self) -> "EmulatorProcess":
+    def __enter__(self) -> EmulatorProcess:
         return self.start()
 
     def __exit__(self, *exc_info: Any) -> None:

@@ -19,7 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
-from typing import Any, Optional
+from typing import Any
 
 from .config import Config
 from .faults import Stats
@@ -30,10 +30,10 @@ log = logging.getLogger("emulator.webhooks")
 WORKERS = 4
 
 
-def sign(payload: bytes, secret: str, timestamp: Optional[int] = None) -> str:
+def sign(payload: bytes, secret: str, timestamp: int | None = None) -> str:
     """The ``Stripe-Signature`` header value for ``payload``."""
     t = int(time.time()) if timestamp is None else timestamp
-    mac = hmac.new(secret.encode("utf-8"), f"{t}.".encode("utf-8") + payload, hashlib.sha256).hexdigest()
+    mac = hmac.new(secret.encode("utf-8"), f"{t}.".encode() + payload, hashlib.sha256).hexdigest()
     return f"t={t},v1={mac}"
 
 
@@ -43,14 +43,15 @@ class WebhookDispatcher:
         self.scheduler = scheduler
         self.stats = stats
         self.generation = 0
-        self._queue: "queue.Queue[Optional[tuple[int, dict[str, Any], int]]]" = queue.Queue()
+        self._queue: queue.Queue[tuple[int, dict[str, Any], int] | None] = queue.Queue()
         self._log: deque[dict[str, Any]] = deque(maxlen=1000)
         self._log_lock = threading.Lock()
         self._in_flight = 0
         # Never through a proxy from the environment: webhooks go where configured.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         self._threads = [
-            threading.Thread(target=self._work, name=f"emulator-webhook-{i}", daemon=True) for i in range(WORKERS)
+            threading.Thread(target=self._work, name=f"emulator-webhook-{i}", daemon=True)
+            for i in range(WORKERS)
         ]
         for thread in self._threads:
             thread.start()
@@ -102,7 +103,8 @@ class WebhookDispatcher:
             self._done()
             return
         payload = json.dumps(event, indent=2).encode("utf-8")
-        request = urllib.request.Request(
+        # Config.update admits only http(s) URLs.
+        request = urllib.request.Request(  # noqa: S310
             url,
             data=payload,
             method="POST",
@@ -112,8 +114,8 @@ class WebhookDispatcher:
                 "Stripe-Signature": sign(payload, self.config.webhook_secret),
             },
         )
-        status: Optional[int] = None
-        error: Optional[str] = None
+        status: int | None = None
+        error: str | None = None
         try:
             with self._opener.open(request, timeout=self.config.webhook_timeout) as response:
                 status = response.status
@@ -141,7 +143,9 @@ class WebhookDispatcher:
         with self._log_lock:
             self._in_flight = max(0, self._in_flight - 1)
 
-    def _record(self, event: dict[str, Any], attempt: int, status: Optional[int], error: Optional[str], ok: bool) -> None:
+    def _record(
+        self, event: dict[str, Any], attempt: int, status: int | None, error: str | None, ok: bool
+    ) -> None:
         with self._log_lock:
             self._log.append(
                 {

@@ -16,7 +16,9 @@ REFUND_DELAY = 0.3
 
 @pytest.fixture(scope="session")
 def emu() -> Iterator[EmulatorProcess]:
-    with EmulatorProcess(pending_refund_delay=REFUND_DELAY, failing_refund_delay=REFUND_DELAY) as process:
+    with EmulatorProcess(
+        pending_refund_delay=REFUND_DELAY, failing_refund_delay=REFUND_DELAY
+    ) as process:
         yield process
 
 

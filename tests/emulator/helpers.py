@@ -12,9 +12,20 @@ from typing import Any
 import stripe
 
 
-def pay(client: stripe.StripeClient, amount: int = 1000, payment_method: str = "pm_card_visa", **extra: Any) -> stripe.PaymentIntent:
+def pay(
+    client: stripe.StripeClient,
+    amount: int = 1000,
+    payment_method: str = "pm_card_visa",
+    **extra: Any,
+) -> stripe.PaymentIntent:
     """A confirmed PaymentIntent."""
-    params = {"amount": amount, "currency": "usd", "payment_method": payment_method, "confirm": True, **extra}
+    params = {
+        "amount": amount,
+        "currency": "usd",
+        "payment_method": payment_method,
+        "confirm": True,
+        **extra,
+    }
     return client.v1.payment_intents.create(params=params)  # type: ignore[arg-type]
 
 
@@ -55,7 +66,9 @@ class Receiver:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/webhook"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.thread.start()
 
     def events(self) -> list[dict[str, Any]]:

@@ -14,7 +14,9 @@ from emulator.testing import EmulatorError, EmulatorProcess
 from tests.emulator.helpers import pay
 
 
-def test_seed_creates_twenty_thousand_payments_fast(client: stripe.StripeClient, emu: EmulatorProcess) -> None:
+def test_seed_creates_twenty_thousand_payments_fast(
+    client: stripe.StripeClient, emu: EmulatorProcess
+) -> None:
     started = time.perf_counter()
     seeded = emu.admin.seed(20_000, amount=1500, metadata={"batch": "bench"})
     elapsed = time.perf_counter() - started
@@ -23,20 +25,36 @@ def test_seed_creates_twenty_thousand_payments_fast(client: stripe.StripeClient,
     assert len(seeded["payment_intents"]) == len(seeded["charges"]) == 20_000
     assert len(set(seeded["charges"])) == 20_000
     pi = client.v1.payment_intents.retrieve(seeded["payment_intents"][-1])
-    assert (pi.status, pi.amount_received, pi.latest_charge) == ("succeeded", 1500, seeded["charges"][-1])
+    assert (pi.status, pi.amount_received, pi.latest_charge) == (
+        "succeeded",
+        1500,
+        seeded["charges"][-1],
+    )
     assert pi.metadata["batch"] == "bench"
     charge = client.v1.charges.retrieve(seeded["charges"][0])
-    assert (charge.status, charge.amount_captured, charge.payment_intent) == ("succeeded", 1500, seeded["payment_intents"][0])
+    assert (charge.status, charge.amount_captured, charge.payment_intent) == (
+        "succeeded",
+        1500,
+        seeded["payment_intents"][0],
+    )
     refund = client.v1.refunds.create(params={"charge": seeded["charges"][123], "amount": 500})
     assert refund.status == "succeeded"
     stats = emu.admin.stats()
-    assert (stats["payment_intents"], stats["charges"], stats["events"]) == (20_000, 20_000, 1 + 1)  # refund + charge.refunded
+    assert (stats["payment_intents"], stats["charges"], stats["events"]) == (
+        20_000,
+        20_000,
+        1 + 1,
+    )  # refund + charge.refunded
     # Lists still page by index, not by scanning.
-    page = client.v1.payment_intents.list(params={"limit": 100, "starting_after": seeded["payment_intents"][10_000]})
+    page = client.v1.payment_intents.list(
+        params={"limit": 100, "starting_after": seeded["payment_intents"][10_000]}
+    )
     assert [p.id for p in page.data] == seeded["payment_intents"][9_900:10_000][::-1]
 
 
-def test_seed_with_a_test_card_and_events(client: stripe.StripeClient, emu: EmulatorProcess) -> None:
+def test_seed_with_a_test_card_and_events(
+    client: stripe.StripeClient, emu: EmulatorProcess
+) -> None:
     seeded = emu.admin.seed(2, payment_method="pm_card_pendingRefund", events=True)
     assert client.v1.refunds.create(params={"charge": seeded["charges"][0]}).status == "pending"
     assert len(client.v1.events.list(params={"type": "payment_intent.succeeded"}).data) == 2
@@ -62,7 +80,9 @@ def test_stats_count_requests_by_route(client: stripe.StripeClient, emu: Emulato
     assert emu.admin.stats()["refunds"] == 1  # objects survive a stats reset
 
 
-def test_reset_wipes_objects_but_keeps_config(client: stripe.StripeClient, emu: EmulatorProcess) -> None:
+def test_reset_wipes_objects_but_keeps_config(
+    client: stripe.StripeClient, emu: EmulatorProcess
+) -> None:
     emu.admin.config(pending_refund_delay=7)
     pi = pay(client)
     emu.admin.faults(latency_ms=1)
@@ -75,7 +95,12 @@ def test_reset_wipes_objects_but_keeps_config(client: stripe.StripeClient, emu: 
 
 
 def test_config_is_validated(emu: EmulatorProcess) -> None:
-    for bad in ({"webhook_url": "ftp://x"}, {"pending_refund_delay": -1}, {"nope": 1}, {"webhook_secret": ""}):
+    for bad in (
+        {"webhook_url": "ftp://x"},
+        {"pending_refund_delay": -1},
+        {"nope": 1},
+        {"webhook_secret": ""},
+    ):
         with pytest.raises(EmulatorError):
             emu.admin.config(**bad)
     with pytest.raises(EmulatorError):
@@ -84,7 +109,7 @@ def test_config_is_validated(emu: EmulatorProcess) -> None:
 
 def test_process_prints_its_port_and_exits_cleanly_on_sigterm_and_sigint() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
-        proc = subprocess.Popen(  # noqa: S603
+        proc = subprocess.Popen(
             [sys.executable, "-m", "emulator", "--port", "0"], stdout=subprocess.PIPE, text=True
         )
         try:

@@ -13,7 +13,9 @@ from emulator.testing import EmulatorError, EmulatorProcess
 from tests.emulator.helpers import pay
 
 
-def test_latency_is_added_to_stripe_calls_only(client: stripe.StripeClient, emu: EmulatorProcess) -> None:
+def test_latency_is_added_to_stripe_calls_only(
+    client: stripe.StripeClient, emu: EmulatorProcess
+) -> None:
     pi = pay(client)
     emu.admin.faults(latency_ms=200)
     started = time.perf_counter()
@@ -39,7 +41,9 @@ def test_fifty_requests_in_flight_at_once_are_served_concurrently(emu: EmulatorP
     def call() -> None:
         with requests.Session() as http:
             http.trust_env = False
-            status = http.get(f"{emu.url}/v1/refunds", headers={"Authorization": "Bearer sk_test_load"}).status_code
+            status = http.get(
+                f"{emu.url}/v1/refunds", headers={"Authorization": "Bearer sk_test_load"}
+            ).status_code
         with lock:
             statuses.append(status)
 
@@ -54,7 +58,9 @@ def test_fifty_requests_in_flight_at_once_are_served_concurrently(emu: EmulatorP
     assert elapsed < 3.0  # one after the other would take 25 s
 
 
-def test_rate_limit_answers_429_with_retry_after(client: stripe.StripeClient, emu: EmulatorProcess) -> None:
+def test_rate_limit_answers_429_with_retry_after(
+    client: stripe.StripeClient, emu: EmulatorProcess
+) -> None:
     emu.admin.faults(rate_limit_rps=3)
     limited: list[stripe.RateLimitError] = []
     for _ in range(10):
@@ -73,16 +79,22 @@ def test_rate_limit_answers_429_with_retry_after(client: stripe.StripeClient, em
     client.v1.refunds.list()  # tokens refill
 
 
-def test_fail_next_answers_errors_without_applying_anything(client: stripe.StripeClient, emu: EmulatorProcess) -> None:
+def test_fail_next_answers_errors_without_applying_anything(
+    client: stripe.StripeClient, emu: EmulatorProcess
+) -> None:
     pi = pay(client, 1000)
     emu.admin.faults(fail_next={"status": 503, "count": 2, "path_prefix": "/v1/refunds"})
     for _ in range(2):
         with pytest.raises(stripe.APIError) as excinfo:
-            client.v1.refunds.create(params={"payment_intent": pi.id}, options={"idempotency_key": "k-5xx"})
+            client.v1.refunds.create(
+                params={"payment_intent": pi.id}, options={"idempotency_key": "k-5xx"}
+            )
         assert excinfo.value.http_status == 503
         client.v1.charges.retrieve(pi.latest_charge)  # other paths are untouched
     assert emu.admin.stats()["refunds"] == 0
-    refund = client.v1.refunds.create(params={"payment_intent": pi.id}, options={"idempotency_key": "k-5xx"})
+    refund = client.v1.refunds.create(
+        params={"payment_intent": pi.id}, options={"idempotency_key": "k-5xx"}
+    )
     assert refund.status == "succeeded"
     stats = emu.admin.stats()
     assert stats["faults_fired"] == {"fail_next": 2}
@@ -90,7 +102,9 @@ def test_fail_next_answers_errors_without_applying_anything(client: stripe.Strip
     assert emu.admin.get_faults()["fail_next"] is None
 
 
-def test_fail_next_can_answer_429_and_500(client: stripe.StripeClient, emu: EmulatorProcess) -> None:
+def test_fail_next_can_answer_429_and_500(
+    client: stripe.StripeClient, emu: EmulatorProcess
+) -> None:
     emu.admin.faults(fail_next={"status": 429, "count": 1})
     with pytest.raises(stripe.RateLimitError):
         client.v1.charges.list()
@@ -106,12 +120,16 @@ def test_timeout_leaves_nothing_applied(emu: EmulatorProcess) -> None:
     emu.admin.faults(timeout_next={"count": 1, "seconds": 0.8, "path_prefix": "/v1/refunds"})
     started = time.perf_counter()
     with pytest.raises(stripe.APIConnectionError):
-        impatient.v1.refunds.create(params={"payment_intent": pi.id}, options={"idempotency_key": "k-timeout"})
+        impatient.v1.refunds.create(
+            params={"payment_intent": pi.id}, options={"idempotency_key": "k-timeout"}
+        )
     assert time.perf_counter() - started < 0.8
     time.sleep(0.7)  # the emulator gives up on the request without applying it
     assert emu.admin.stats()["refunds"] == 0
     assert emu.admin.stats()["faults_fired"] == {"timeout_next": 1}
-    retry = impatient.v1.refunds.create(params={"payment_intent": pi.id}, options={"idempotency_key": "k-timeout"})
+    retry = impatient.v1.refunds.create(
+        params={"payment_intent": pi.id}, options={"idempotency_key": "k-timeout"}
+    )
     assert retry.amount == 1000
 
 
@@ -142,15 +160,30 @@ def test_faults_merge_show_and_clear(emu: EmulatorProcess) -> None:
     assert shown["fail_next"] == {"count": 3, "path_prefix": None, "method": None, "status": 502}
     assert emu.admin.faults(latency_ms=None)["latency_ms"] == 0
     cleared = emu.admin.clear_faults()
-    assert cleared == {"latency_ms": 0, "rate_limit_rps": None, "fail_next": None, "timeout_next": None, "drop_after_apply_next": None}
-    for bad in ({"fail_next": {"status": 418}}, {"latency_ms": -1}, {"explode": True}, {"timeout_next": {"count": "x"}}):
+    assert cleared == {
+        "latency_ms": 0,
+        "rate_limit_rps": None,
+        "fail_next": None,
+        "timeout_next": None,
+        "drop_after_apply_next": None,
+    }
+    for bad in (
+        {"fail_next": {"status": 418}},
+        {"latency_ms": -1},
+        {"explode": True},
+        {"timeout_next": {"count": "x"}},
+    ):
         with pytest.raises(EmulatorError):
             emu.admin.faults(**bad)
 
 
-def test_faults_fire_only_on_matching_requests(client: stripe.StripeClient, emu: EmulatorProcess) -> None:
+def test_faults_fire_only_on_matching_requests(
+    client: stripe.StripeClient, emu: EmulatorProcess
+) -> None:
     pi = pay(client)
-    emu.admin.faults(fail_next={"status": 500, "count": 1, "path_prefix": "/v1/refunds", "method": "POST"})
+    emu.admin.faults(
+        fail_next={"status": 500, "count": 1, "path_prefix": "/v1/refunds", "method": "POST"}
+    )
     client.v1.refunds.list()
     client.v1.payment_intents.retrieve(pi.id)
     assert emu.admin.get_faults()["fail_next"]["count"] == 1

@@ -13,7 +13,9 @@ from emulator.testing import EmulatorProcess
 from tests.emulator.helpers import pay
 
 
-def raw_post(emu: EmulatorProcess, path: str, data: dict[str, object], key: str, api_key: str = "sk_test_raw") -> requests.Response:
+def raw_post(
+    emu: EmulatorProcess, path: str, data: dict[str, object], key: str, api_key: str = "sk_test_raw"
+) -> requests.Response:
     with requests.Session() as http:
         http.trust_env = False
         return http.post(
@@ -23,7 +25,9 @@ def raw_post(emu: EmulatorProcess, path: str, data: dict[str, object], key: str,
         )
 
 
-def test_same_key_and_params_replays_the_stored_answer_exactly(emu: EmulatorProcess, client: stripe.StripeClient) -> None:
+def test_same_key_and_params_replays_the_stored_answer_exactly(
+    emu: EmulatorProcess, client: stripe.StripeClient
+) -> None:
     pi = pay(client, 2000)
     params = {"charge": pi.latest_charge, "amount": "500", "metadata[refund_id]": "r_1"}
     first = raw_post(emu, "/v1/refunds", params, "key-1")
@@ -37,7 +41,9 @@ def test_same_key_and_params_replays_the_stored_answer_exactly(emu: EmulatorProc
     assert client.v1.charges.retrieve(pi.latest_charge).amount_refunded == 500
 
 
-def test_sdk_retry_with_the_same_key_gets_the_same_refund(client: stripe.StripeClient, emu: EmulatorProcess) -> None:
+def test_sdk_retry_with_the_same_key_gets_the_same_refund(
+    client: stripe.StripeClient, emu: EmulatorProcess
+) -> None:
     pi = pay(client, 2000)
     params = {"payment_intent": pi.id, "amount": 700, "metadata": {"refund_id": "r_sdk"}}
     a = client.v1.refunds.create(params=params, options={"idempotency_key": "refund-r_sdk"})  # type: ignore[arg-type]
@@ -50,14 +56,20 @@ def test_same_key_with_other_params_or_endpoint_is_an_idempotency_error(
     emu: EmulatorProcess, client: stripe.StripeClient
 ) -> None:
     pi = pay(client, 2000)
-    client.v1.refunds.create(params={"charge": pi.latest_charge, "amount": 100}, options={"idempotency_key": "k"})
+    client.v1.refunds.create(
+        params={"charge": pi.latest_charge, "amount": 100}, options={"idempotency_key": "k"}
+    )
     with pytest.raises(stripe.IdempotencyError) as excinfo:
-        client.v1.refunds.create(params={"charge": pi.latest_charge, "amount": 200}, options={"idempotency_key": "k"})
+        client.v1.refunds.create(
+            params={"charge": pi.latest_charge, "amount": 200}, options={"idempotency_key": "k"}
+        )
     assert excinfo.value.http_status == 400
     assert excinfo.value.json_body["error"]["type"] == "idempotency_error"
     assert "same parameters" in str(excinfo.value.user_message)
     with pytest.raises(stripe.IdempotencyError) as excinfo:
-        client.v1.payment_intents.create(params={"amount": 100, "currency": "usd"}, options={"idempotency_key": "k"})
+        client.v1.payment_intents.create(
+            params={"amount": 100, "currency": "usd"}, options={"idempotency_key": "k"}
+        )
     assert "same endpoint" in str(excinfo.value.user_message)
     assert client.v1.charges.retrieve(pi.latest_charge).amount_refunded == 100
 
@@ -70,20 +82,30 @@ def test_keys_are_scoped_to_the_api_key(emu: EmulatorProcess, client: stripe.Str
     assert one["id"] != two["id"]
 
 
-def test_business_errors_are_saved_but_validation_errors_are_not(emu: EmulatorProcess, client: stripe.StripeClient) -> None:
+def test_business_errors_are_saved_but_validation_errors_are_not(
+    emu: EmulatorProcess, client: stripe.StripeClient
+) -> None:
     pi = pay(client, 1000)
     too_large = {"charge": pi.latest_charge, "amount": "5000"}
-    assert raw_post(emu, "/v1/refunds", too_large, "k-large").json()["error"]["code"] == "amount_too_large"
+    assert (
+        raw_post(emu, "/v1/refunds", too_large, "k-large").json()["error"]["code"]
+        == "amount_too_large"
+    )
     replay = raw_post(emu, "/v1/refunds", too_large, "k-large")
     assert replay.headers.get("Idempotent-Replayed") == "true"
     bad = {"charge": pi.latest_charge, "amount": "x"}
-    assert raw_post(emu, "/v1/refunds", bad, "k-bad").json()["error"]["code"] == "parameter_invalid_integer"
+    assert (
+        raw_post(emu, "/v1/refunds", bad, "k-bad").json()["error"]["code"]
+        == "parameter_invalid_integer"
+    )
     fixed = raw_post(emu, "/v1/refunds", {"charge": pi.latest_charge, "amount": "10"}, "k-bad")
     assert fixed.status_code == 200
     assert "Idempotent-Replayed" not in fixed.headers
 
 
-def test_concurrent_requests_with_one_key_create_exactly_one_refund(emu: EmulatorProcess, client: stripe.StripeClient) -> None:
+def test_concurrent_requests_with_one_key_create_exactly_one_refund(
+    emu: EmulatorProcess, client: stripe.StripeClient
+) -> None:
     pi = pay(client, 2000)
     emu.admin.faults(latency_ms=300)  # the first request stays in flight while the others arrive
     params = {"payment_intent": pi.id, "amount": "300", "metadata[refund_id]": "r_once"}
@@ -111,7 +133,9 @@ def test_concurrent_requests_with_one_key_create_exactly_one_refund(emu: Emulato
     assert len(ids) == 1
 
 
-def test_forgotten_or_expired_keys_run_again(emu: EmulatorProcess, client: stripe.StripeClient) -> None:
+def test_forgotten_or_expired_keys_run_again(
+    emu: EmulatorProcess, client: stripe.StripeClient
+) -> None:
     pi = pay(client, 2000)
     params = {"charge": pi.latest_charge, "amount": "100"}
     first = raw_post(emu, "/v1/refunds", params, "k-forget").json()["id"]

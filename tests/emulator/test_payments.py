@@ -10,7 +10,9 @@ from emulator.testing import EmulatorProcess
 from tests.emulator.helpers import pay
 
 
-def test_confirmed_visa_payment_succeeds_with_a_succeeded_charge(client: stripe.StripeClient) -> None:
+def test_confirmed_visa_payment_succeeds_with_a_succeeded_charge(
+    client: stripe.StripeClient,
+) -> None:
     pi = pay(client, 2500, metadata={"order": "o_1"})
     assert pi.object == "payment_intent"
     assert pi.status == "succeeded"
@@ -33,14 +35,18 @@ def test_create_then_confirm_in_two_steps(client: stripe.StripeClient) -> None:
     pi = client.v1.payment_intents.create(params={"amount": 700, "currency": "eur"})
     assert pi.status == "requires_payment_method"
     assert pi.latest_charge is None
-    confirmed = client.v1.payment_intents.confirm(pi.id, params={"payment_method": "pm_card_mastercard"})
+    confirmed = client.v1.payment_intents.confirm(
+        pi.id, params={"payment_method": "pm_card_mastercard"}
+    )
     assert confirmed.status == "succeeded"
     again = client.v1.payment_intents.retrieve(pi.id, params={"expand": ["latest_charge"]})
     assert again.latest_charge.id == confirmed.latest_charge
     assert again.latest_charge.payment_method_details.card.brand == "mastercard"
 
 
-def test_declined_card_is_a_402_card_error_and_leaves_a_failed_charge(client: stripe.StripeClient) -> None:
+def test_declined_card_is_a_402_card_error_and_leaves_a_failed_charge(
+    client: stripe.StripeClient,
+) -> None:
     with pytest.raises(stripe.CardError) as excinfo:
         pay(client, 1000, "pm_card_chargeDeclinedInsufficientFunds")
     err = excinfo.value
@@ -60,7 +66,9 @@ def test_declined_card_is_a_402_card_error_and_leaves_a_failed_charge(client: st
     assert "payment_intent.payment_failed" in types
 
 
-def test_dispute_card_makes_a_disputed_charge_and_a_dispute_event(client: stripe.StripeClient) -> None:
+def test_dispute_card_makes_a_disputed_charge_and_a_dispute_event(
+    client: stripe.StripeClient,
+) -> None:
     pi = pay(client, 1500, "pm_card_createDispute")
     charge = client.v1.charges.retrieve(pi.latest_charge)
     assert pi.status == "succeeded"
@@ -73,16 +81,26 @@ def test_dispute_card_makes_a_disputed_charge_and_a_dispute_event(client: stripe
 
 def test_cancel_requires_an_uncompleted_payment_intent(client: stripe.StripeClient) -> None:
     open_pi = client.v1.payment_intents.create(params={"amount": 500, "currency": "usd"})
-    canceled = client.v1.payment_intents.cancel(open_pi.id, params={"cancellation_reason": "abandoned"})
+    canceled = client.v1.payment_intents.cancel(
+        open_pi.id, params={"cancellation_reason": "abandoned"}
+    )
     assert canceled.status == "canceled"
-    assert client.v1.events.list(params={"type": "payment_intent.canceled"}).data[0].data.object.id == open_pi.id
+    assert (
+        client.v1.events.list(params={"type": "payment_intent.canceled"}).data[0].data.object.id
+        == open_pi.id
+    )
     with pytest.raises(stripe.InvalidRequestError) as excinfo:
         client.v1.payment_intents.cancel(pay(client).id)
     assert excinfo.value.code == "payment_intent_unexpected_state"
 
 
-def test_list_pages_newest_first_and_auto_paging_reads_everything(client: stripe.StripeClient) -> None:
-    ids = [client.v1.payment_intents.create(params={"amount": 100 + i, "currency": "usd"}).id for i in range(23)]
+def test_list_pages_newest_first_and_auto_paging_reads_everything(
+    client: stripe.StripeClient,
+) -> None:
+    ids = [
+        client.v1.payment_intents.create(params={"amount": 100 + i, "currency": "usd"}).id
+        for i in range(23)
+    ]
     first = client.v1.payment_intents.list(params={"limit": 5})
     assert first.object == "list"
     assert first.url == "/v1/payment_intents"
@@ -104,15 +122,24 @@ def test_charges_list_filters_by_payment_intent(client: stripe.StripeClient) -> 
 
 
 def test_legacy_charge_with_a_test_token(client: stripe.StripeClient) -> None:
-    charge = client.v1.charges.create(params={"amount": 900, "currency": "usd", "source": "tok_visa"})
+    charge = client.v1.charges.create(
+        params={"amount": 900, "currency": "usd", "source": "tok_visa"}
+    )
     assert charge.status == "succeeded"
     assert charge.payment_intent is None
     with pytest.raises(stripe.CardError):
-        client.v1.charges.create(params={"amount": 900, "currency": "usd", "source": "tok_chargeDeclined"})
+        client.v1.charges.create(
+            params={"amount": 900, "currency": "usd", "source": "tok_chargeDeclined"}
+        )
 
 
 def test_payment_method_from_a_test_card_number(client: stripe.StripeClient) -> None:
-    pm = client.v1.payment_methods.create(params={"type": "card", "card": {"number": "4000000000007726", "exp_month": 12, "exp_year": 2034}})
+    pm = client.v1.payment_methods.create(
+        params={
+            "type": "card",
+            "card": {"number": "4000000000007726", "exp_month": 12, "exp_year": 2034},
+        }
+    )
     pi = pay(client, 1200, pm.id)
     refund = client.v1.refunds.create(params={"payment_intent": pi.id})
     assert refund.status == "pending"  # 4000000000007726 is the pending-refund card
@@ -139,7 +166,9 @@ def test_api_keys_are_checked_and_every_answer_has_a_request_id(emu: EmulatorPro
         assert missing.status_code == 401
         assert missing.json()["error"]["type"] == "invalid_request_error"
         assert missing.headers["Request-Id"].startswith("req_")
-        live = http.get(f"{emu.url}/v1/charges", headers={"Authorization": "Bearer sk_live_abcdefgh1234"})
+        live = http.get(
+            f"{emu.url}/v1/charges", headers={"Authorization": "Bearer sk_live_abcdefgh1234"}
+        )
         assert live.status_code == 401
         ok = http.get(f"{emu.url}/v1/charges", headers={"Authorization": "Bearer sk_test_abc"})
         assert ok.status_code == 200
@@ -154,7 +183,9 @@ def test_api_keys_are_checked_and_every_answer_has_a_request_id(emu: EmulatorPro
         emu.client("sk_live_nope").v1.charges.list()
 
 
-def test_expand_brackets_form_and_nested_metadata_from_a_raw_form_body(emu: EmulatorProcess) -> None:
+def test_expand_brackets_form_and_nested_metadata_from_a_raw_form_body(
+    emu: EmulatorProcess,
+) -> None:
     with requests.Session() as http:
         http.trust_env = False
         auth = {"Authorization": "Bearer sk_test_raw"}

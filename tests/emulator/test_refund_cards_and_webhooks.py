@@ -27,7 +27,9 @@ def test_pending_refund_card_goes_pending_then_succeeded(client: stripe.StripeCl
     assert updated.data.previous_attributes.status == "pending"
 
 
-def test_refund_fail_card_succeeds_then_fails_and_gives_the_amount_back(client: stripe.StripeClient) -> None:
+def test_refund_fail_card_succeeds_then_fails_and_gives_the_amount_back(
+    client: stripe.StripeClient,
+) -> None:
     pi = pay(client, 4000, "pm_card_refundFail")
     refund = client.v1.refunds.create(params={"payment_intent": pi.id})
     assert refund.status == "succeeded"
@@ -44,7 +46,9 @@ def test_refund_fail_card_succeeds_then_fails_and_gives_the_amount_back(client: 
 
 def test_admin_moves_refunds_on(client: stripe.StripeClient, emu: EmulatorProcess) -> None:
     emu.admin.config(pending_refund_delay=60)
-    pending = client.v1.refunds.create(params={"payment_intent": pay(client, 1000, "pm_card_pendingRefund").id})
+    pending = client.v1.refunds.create(
+        params={"payment_intent": pay(client, 1000, "pm_card_pendingRefund").id}
+    )
     assert emu.admin.succeed_refund(pending.id)["status"] == "succeeded"
     normal = client.v1.refunds.create(params={"payment_intent": pay(client, 1000).id})
     failed = emu.admin.fail_refund(normal.id, "lost_or_stolen_card")
@@ -61,7 +65,9 @@ def test_events_page_and_filter(client: stripe.StripeClient) -> None:
     one = client.v1.events.retrieve(succeeded.data[0].id)
     assert one.type == "payment_intent.succeeded"
     assert one.data.object.object == "payment_intent"
-    several = client.v1.events.list(params={"types": ["charge.succeeded", "payment_intent.created"], "limit": 100})
+    several = client.v1.events.list(
+        params={"types": ["charge.succeeded", "payment_intent.created"], "limit": 100}
+    )
     assert {e.type for e in several.data} == {"charge.succeeded", "payment_intent.created"}
     assert len(several.data) == 8
 
@@ -72,7 +78,13 @@ def test_webhooks_are_signed_so_construct_event_verifies_them(
     emu.admin.config(webhook_url=receiver.url, webhook_secret="whsec_test_secret")
     pi = pay(client, 1000, "pm_card_refundFail")
     client.v1.refunds.create(params={"payment_intent": pi.id, "metadata": {"refund_id": "r_hook"}})
-    wanted = {"payment_intent.succeeded", "charge.succeeded", "refund.created", "charge.refunded", "refund.failed"}
+    wanted = {
+        "payment_intent.succeeded",
+        "charge.succeeded",
+        "refund.created",
+        "charge.refunded",
+        "refund.failed",
+    }
     wait_for(lambda: wanted <= {e["type"] for e in receiver.events()})
     for delivery in receiver.deliveries:
         event = stripe.Webhook.construct_event(
@@ -80,7 +92,9 @@ def test_webhooks_are_signed_so_construct_event_verifies_them(
         )
         assert event.object == "event"
         with pytest.raises(stripe.SignatureVerificationError):
-            stripe.Webhook.construct_event(delivery["body"], delivery["headers"]["Stripe-Signature"], "whsec_other")
+            stripe.Webhook.construct_event(
+                delivery["body"], delivery["headers"]["Stripe-Signature"], "whsec_other"
+            )
     failed = next(e for e in receiver.events() if e["type"] == "refund.failed")
     assert failed["data"]["object"]["metadata"] == {"refund_id": "r_hook"}
     assert failed["data"]["previous_attributes"]["status"] == "succeeded"
@@ -104,13 +118,19 @@ def test_failed_deliveries_are_retried_with_backoff(
     stats = emu.admin.stats()["webhooks"]
     assert (stats["failed_attempts"], stats["gave_up"]) == (2, 0)
     log = emu.admin.webhook_deliveries()["deliveries"]
-    assert [(d["attempt"], d["status"], d["ok"]) for d in log] == [(1, 500, False), (2, 503, False), (3, 200, True)]
+    assert [(d["attempt"], d["status"], d["ok"]) for d in log] == [
+        (1, 500, False),
+        (2, 503, False),
+        (3, 200, True),
+    ]
 
 
 def test_unreachable_webhook_endpoint_gives_up_without_blocking_the_api(
     client: stripe.StripeClient, emu: EmulatorProcess
 ) -> None:
-    emu.admin.config(webhook_url="http://127.0.0.1:9/nowhere", webhook_retry_base=0.01, webhook_max_attempts=3)
+    emu.admin.config(
+        webhook_url="http://127.0.0.1:9/nowhere", webhook_retry_base=0.01, webhook_max_attempts=3
+    )
     pay(client)
     wait_for(lambda: emu.admin.stats()["webhooks"]["gave_up"] == 3)  # 3 events, 3 attempts each
     assert emu.admin.stats()["webhooks"]["failed_attempts"] == 9

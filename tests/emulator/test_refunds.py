@@ -17,7 +17,9 @@ def refund_error(client: stripe.StripeClient, **params: object) -> stripe.Invali
 
 def test_full_refund_by_payment_intent_refunds_what_is_left(client: stripe.StripeClient) -> None:
     pi = pay(client, 5000)
-    refund = client.v1.refunds.create(params={"payment_intent": pi.id, "metadata": {"refund_id": "r_full"}})
+    refund = client.v1.refunds.create(
+        params={"payment_intent": pi.id, "metadata": {"refund_id": "r_full"}}
+    )
     assert refund.object == "refund"
     assert refund.amount == 5000
     assert refund.status == "succeeded"
@@ -30,9 +32,13 @@ def test_full_refund_by_payment_intent_refunds_what_is_left(client: stripe.Strip
     assert refund_error(client, charge=pi.latest_charge).code == "charge_already_refunded"
 
 
-def test_partial_refunds_add_up_and_over_refund_is_amount_too_large(client: stripe.StripeClient) -> None:
+def test_partial_refunds_add_up_and_over_refund_is_amount_too_large(
+    client: stripe.StripeClient,
+) -> None:
     pi = pay(client, 1000)
-    client.v1.refunds.create(params={"charge": pi.latest_charge, "amount": 300, "reason": "requested_by_customer"})
+    client.v1.refunds.create(
+        params={"charge": pi.latest_charge, "amount": 300, "reason": "requested_by_customer"}
+    )
     err = refund_error(client, charge=pi.latest_charge, amount=701)
     assert err.http_status == 400
     assert err.code == "amount_too_large"
@@ -58,7 +64,10 @@ def test_amount_must_be_a_positive_integer(client: stripe.StripeClient, amount: 
 def test_charge_or_payment_intent_exactly_one(client: stripe.StripeClient) -> None:
     pi = pay(client)
     assert refund_error(client, amount=100).code == "parameter_missing"
-    assert refund_error(client, charge=pi.latest_charge, payment_intent=pi.id).code == "parameters_exclusive"
+    assert (
+        refund_error(client, charge=pi.latest_charge, payment_intent=pi.id).code
+        == "parameters_exclusive"
+    )
 
 
 def test_unknown_reason_is_refused(client: stripe.StripeClient) -> None:
@@ -68,7 +77,9 @@ def test_unknown_reason_is_refused(client: stripe.StripeClient) -> None:
     assert "duplicate, fraudulent, or requested_by_customer" in str(err.user_message)
 
 
-def test_unknown_charge_or_payment_intent_is_404_resource_missing(client: stripe.StripeClient) -> None:
+def test_unknown_charge_or_payment_intent_is_404_resource_missing(
+    client: stripe.StripeClient,
+) -> None:
     for params in ({"charge": "ch_nope"}, {"payment_intent": "pi_nope"}):
         err = refund_error(client, **params)
         assert err.http_status == 404
@@ -76,7 +87,9 @@ def test_unknown_charge_or_payment_intent_is_404_resource_missing(client: stripe
         assert err.param == next(iter(params))
 
 
-def test_payment_intent_without_a_successful_charge_cannot_be_refunded(client: stripe.StripeClient) -> None:
+def test_payment_intent_without_a_successful_charge_cannot_be_refunded(
+    client: stripe.StripeClient,
+) -> None:
     pi = client.v1.payment_intents.create(params={"amount": 1000, "currency": "usd"})
     assert refund_error(client, payment_intent=pi.id).code == "payment_intent_unexpected_state"
     with pytest.raises(stripe.CardError) as excinfo:
@@ -99,9 +112,14 @@ def test_charged_back_charge_is_charge_disputed_but_an_inquiry_allows_refunds(
     assert refund_error(client, payment_intent=normal.id).code == "charge_disputed"
 
 
-def test_refund_lists_filter_by_charge_and_payment_intent_and_page(client: stripe.StripeClient) -> None:
+def test_refund_lists_filter_by_charge_and_payment_intent_and_page(
+    client: stripe.StripeClient,
+) -> None:
     a, b = pay(client, 10_000), pay(client, 10_000)
-    a_refunds = [client.v1.refunds.create(params={"charge": a.latest_charge, "amount": 100}).id for _ in range(12)]
+    a_refunds = [
+        client.v1.refunds.create(params={"charge": a.latest_charge, "amount": 100}).id
+        for _ in range(12)
+    ]
     client.v1.refunds.create(params={"payment_intent": b.id, "amount": 100})
     by_charge = client.v1.refunds.list(params={"charge": a.latest_charge, "limit": 5})
     assert by_charge.has_more is True
@@ -113,15 +131,22 @@ def test_refund_lists_filter_by_charge_and_payment_intent_and_page(client: strip
     assert retrieved.charge.id == a.latest_charge
 
 
-def test_admin_counts_refunds_per_metadata_refund_id(client: stripe.StripeClient, emu: EmulatorProcess) -> None:
+def test_admin_counts_refunds_per_metadata_refund_id(
+    client: stripe.StripeClient, emu: EmulatorProcess
+) -> None:
     pi = pay(client, 3000)
     for refund_id in ("r_1", "r_2", "r_2"):
-        client.v1.refunds.create(params={"payment_intent": pi.id, "amount": 100, "metadata": {"refund_id": refund_id}})
+        client.v1.refunds.create(
+            params={"payment_intent": pi.id, "amount": 100, "metadata": {"refund_id": refund_id}}
+        )
     stats = emu.admin.stats()
     assert stats["refunds"] == 3
     assert stats["refunds_by_metadata_refund_id"] == {"r_1": 1, "r_2": 2}
     assert stats["refunds_by_status"] == {"succeeded": 3}
-    assert [r["metadata"]["refund_id"] for r in emu.admin.refunds(metadata_refund_id="r_2")] == ["r_2", "r_2"]
+    assert [r["metadata"]["refund_id"] for r in emu.admin.refunds(metadata_refund_id="r_2")] == [
+        "r_2",
+        "r_2",
+    ]
     assert len(emu.admin.refunds()) == 3
 
 
@@ -130,4 +155,6 @@ def test_refund_metadata_update_emits_refund_updated(client: stripe.StripeClient
     refund = client.v1.refunds.create(params={"payment_intent": pi.id, "metadata": {"a": "1"}})
     updated = client.v1.refunds.update(refund.id, params={"metadata": {"b": "2"}})
     assert updated.metadata.to_dict() == {"a": "1", "b": "2"}
-    assert client.v1.events.list(params={"type": "refund.updated"}).data[0].data.previous_attributes.metadata.to_dict() == {"a": "1"}
+    assert client.v1.events.list(params={"type": "refund.updated"}).data[
+        0
+    ].data.previous_attributes.metadata.to_dict() == {"a": "1"}
