@@ -17,7 +17,7 @@ def test_latency_is_added_to_stripe_calls_only(
     client: stripe.StripeClient, emu: EmulatorProcess
 ) -> None:
     pi = pay(client)
-    emu.admin.faults(latency_ms=200)
+    emu.admin.faults(latency_ms=400)
     started = time.perf_counter()
     client.v1.payment_intents.retrieve(pi.id)
     slow = time.perf_counter() - started
@@ -28,9 +28,9 @@ def test_latency_is_added_to_stripe_calls_only(
     started = time.perf_counter()
     client.v1.payment_intents.retrieve(pi.id)
     fast = time.perf_counter() - started
-    assert 0.2 <= slow < 2.0
-    assert admin < 0.15
-    assert fast < 0.15
+    assert 0.4 <= slow < 2.0
+    assert admin < 0.3
+    assert fast < 0.3
 
 
 def test_fifty_requests_in_flight_at_once_are_served_concurrently(emu: EmulatorProcess) -> None:
@@ -68,7 +68,7 @@ def test_rate_limit_answers_429_with_retry_after(
             client.v1.refunds.list()
         except stripe.RateLimitError as exc:
             limited.append(exc)
-    assert 5 <= len(limited) <= 8  # a burst of 3, plus what refills meanwhile
+    assert 4 <= len(limited) <= 7  # a burst of 3, plus what refills meanwhile
     assert all(e.http_status == 429 for e in limited)
     assert all(e.headers["Retry-After"] == "1" for e in limited)
     assert limited[0].json_body["error"]["code"] == "rate_limit"
