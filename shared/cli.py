@@ -77,6 +77,21 @@ def _stripe_emulator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker_health(args: argparse.Namespace) -> int:
+    from shared.worker_health import check_workers
+
+    load_settings()
+    health = check_workers(timeout=args.timeout, node=args.node, this_host=args.this_host)
+    print(health.message, file=sys.stdout if health.ok else sys.stderr)
+    return 0 if health.ok else 1
+
+
+def _flower(args: argparse.Namespace) -> int:
+    from worker.flower import main as flower_main
+
+    return flower_main()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refunds", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("migrate", _migrate, "Apply database migrations (alembic upgrade head).")
     add("check-config", _check_config, "Validate the settings and exit.")
+
+    p = add("worker-health", _worker_health, "Ping Celery workers; exit 0 if one answers.")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+    p.add_argument("--node", help="ping only this worker, e.g. worker@host")
+    p.add_argument("--this-host", action="store_true", help="only workers named ...@<hostname>")
+
+    add("flower", _flower, "Run Flower; needs FLOWER_BASIC_AUTH; other FLOWER_* variables apply.")
 
     p = add("stripe-emulator", _stripe_emulator, "Run the Stripe emulator for development and tests.")
     p.add_argument("--host", default="127.0.0.1")

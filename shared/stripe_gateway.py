@@ -16,6 +16,7 @@ from typing import Any
 import stripe
 
 from shared.config import Settings, get_settings
+from shared.metrics import StripeHttpClient
 from shared.rate_limit import RateLimited, get_limiter
 
 # Stripe sends these as `reason`; any other text travels in metadata only.
@@ -96,7 +97,7 @@ class StripeGateway:
             base_addresses=base,  # type: ignore[arg-type]
             # Retries are the worker's decision (SPEC 6), never hidden in the SDK.
             max_network_retries=0,
-            http_client=stripe.RequestsClient(timeout=settings.stripe_timeout_seconds),
+            http_client=StripeHttpClient(timeout=settings.stripe_timeout_seconds),  # timed
         )
 
     # Refunds -----------------------------------------------------------------

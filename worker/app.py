@@ -9,6 +9,9 @@ from shared.celery_app import get_celery
 app = get_celery()
 
 import worker.tasks  # noqa: E402,F401 - registers the tasks on ``app``
+from worker.observability import install as install_observability  # noqa: E402
+
+install_observability(app)  # JSON logs and metrics through Celery signals
 
 
 @worker_init.connect
