@@ -6,7 +6,7 @@
 - ``task_prerun``/``task_postrun``: task_id and refund_id bound to every log line
   the task writes, and task duration and result counted;
 - ``task_retry``/``task_failure``/``task_rejected``/``task_revoked``: results;
-- ``worker_init``: the worker's metrics server on ``WORKER_METRICS_PORT``.
+- ``worker_ready``: the worker's metrics server on ``WORKER_METRICS_PORT``.
 
 A task's return value is read for metrics, so task code needs no metrics calls:
 ``refunds.process`` may return the refund's resulting status (a string, or a
@@ -48,7 +48,6 @@ def install(app: Celery) -> None:
         return
     _installed = True
     signals.setup_logging.connect(_setup_logging, weak=False)
-    signals.worker_init.connect(_worker_init, weak=False)
     signals.worker_ready.connect(_worker_ready, weak=False)
     signals.task_prerun.connect(_task_prerun, weak=False)
     signals.task_postrun.connect(_task_postrun, weak=False)
@@ -63,12 +62,9 @@ def _setup_logging(**_: Any) -> None:
     service_logging.configure(process_type(), get_settings().log_level)
 
 
-def _worker_init(**_: Any) -> None:
+def _worker_ready(**_: Any) -> None:
+    # Not worker_init: that fires before logging is set up, and a port in use must be seen.
     metrics.start_worker_metrics_server(get_settings().worker_metrics_port)
-
-
-def _worker_ready(sender: Any = None, **_: Any) -> None:
-    log.info("worker ready", extra={"hostname": getattr(sender, "hostname", None)})
 
 
 def _refund_id(task_name: str, args: Any, kwargs: Any) -> str | None:
