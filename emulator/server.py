@@ -427,6 +427,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_POST = do_GET
     do_DELETE = do_GET
+    do_PUT = do_GET  # answered with Stripe's JSON 404
+    do_PATCH = do_GET
 
     def log_message(self, format: str, *args: Any) -> None:
         if self.server.verbose:

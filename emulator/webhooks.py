@@ -126,6 +126,10 @@ class WebhookDispatcher:
         except (OSError, ValueError) as exc:
             error = f"{type(exc).__name__}: {exc}"
         ok = status is not None and 200 <= status < 300
+        if generation != self.generation:
+            # The emulator was reset while this was in flight: its counters are gone.
+            self._done()
+            return
         self._record(event, attempt, status, error, ok)
         if ok:
             self.stats.count_webhook("delivered")
