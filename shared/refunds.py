@@ -85,7 +85,7 @@ def initiate_refund(
     # the rules in ``shared.rules`` decide what is left, in one place.
     existing = session.execute(
         select(Refund.amount, Refund.status).where(Refund.payment_id == payment.id)
-    ).tuples()
+    ).all()  # rows unpack as tuples; Result.tuples() is deprecated in SQLAlchemy 2.1
     amount = amount_to_refund(
         left=refundable_left(payment.amount, existing),
         amount_cents=request.amount_cents,
