@@ -42,111 +42,52 @@ CANCELABLE_PI_STATUSES = [
     "processing",
 ]
 CONFIRMABLE_PI_STATUSES = ("requires_payment_method", "requires_confirmation", "requires_action")
-ZERO_DECIMAL = {
-    "bif",
-    "clp",
-    "djf",
-    "gnf",
-    "jpy",
-    "kmf",
-    "krw",
-    "mga",
-    "pyg",
-    "rwf",
-    "ugx",
-    "vnd",
-    "vuv",
-    "xaf",
-    "xof",
-    "xpf",
-}
+
+
+def _names(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+ZERO_DECIMAL = _names("bif clp djf gnf jpy kmf krw mga pyg rwf ugx vnd vuv xaf xof xpf")
+
 
 # Parameters the SDK or a caller may send that the emulator accepts and ignores.
-_PI_IGNORED = {
-    "automatic_payment_methods",
-    "confirmation_method",
-    "customer",
-    "error_on_requires_action",
-    "mandate",
-    "mandate_data",
-    "off_session",
-    "on_behalf_of",
-    "payment_method_options",
-    "payment_method_types",
-    "radar_options",
-    "receipt_email",
-    "return_url",
-    "setup_future_usage",
-    "shipping",
-    "statement_descriptor",
-    "statement_descriptor_suffix",
-    "transfer_data",
-    "transfer_group",
-    "use_stripe_sdk",
-    "application_fee_amount",
-    "payment_method_configuration",
-    "confirmation_token",
-    "excluded_payment_method_types",
-}
-PI_CREATE_PARAMS = _PI_IGNORED | {
-    "amount",
-    "currency",
-    "payment_method",
-    "payment_method_data",
-    "confirm",
-    "metadata",
-    "description",
-    "capture_method",
-}
-PI_UPDATE_PARAMS = _PI_IGNORED | {
-    "amount",
-    "currency",
-    "payment_method",
-    "payment_method_data",
-    "metadata",
-    "description",
-}
-PI_CONFIRM_PARAMS = _PI_IGNORED | {"payment_method", "payment_method_data", "capture_method"}
-PI_CANCEL_PARAMS = {"cancellation_reason"}
-CHARGE_CREATE_PARAMS = {
-    "amount",
-    "currency",
-    "source",
-    "customer",
-    "description",
-    "metadata",
-    "capture",
-    "receipt_email",
-    "statement_descriptor",
-    "statement_descriptor_suffix",
-    "shipping",
-    "transfer_group",
-    "on_behalf_of",
-}
-CHARGE_UPDATE_PARAMS = {
-    "metadata",
-    "description",
-    "receipt_email",
-    "shipping",
-    "fraud_details",
-    "transfer_group",
-}
-REFUND_CREATE_PARAMS = {
-    "charge",
-    "payment_intent",
-    "amount",
-    "reason",
-    "metadata",
-    "instructions_email",
-    "refund_application_fee",
-    "reverse_transfer",
-    "origin",
-    "currency",
-    "customer",
-}
-REFUND_UPDATE_PARAMS = {"metadata"}
-PM_CREATE_PARAMS = {"type", "card", "billing_details", "metadata"}
-LIST_PARAMS = {"limit", "starting_after", "ending_before", "created"}
+_PI_IGNORED = _names(
+    """
+    automatic_payment_methods confirmation_method customer error_on_requires_action mandate
+    mandate_data off_session on_behalf_of payment_method_options payment_method_types
+    radar_options receipt_email return_url setup_future_usage shipping statement_descriptor
+    statement_descriptor_suffix transfer_data transfer_group use_stripe_sdk
+    application_fee_amount payment_method_configuration confirmation_token
+    excluded_payment_method_types
+    """
+)
+PI_CREATE_PARAMS = _PI_IGNORED | _names(
+    "amount currency payment_method payment_method_data confirm metadata description capture_method"
+)
+PI_UPDATE_PARAMS = _PI_IGNORED | _names(
+    "amount currency payment_method payment_method_data metadata description"
+)
+PI_CONFIRM_PARAMS = _PI_IGNORED | _names("payment_method payment_method_data capture_method")
+PI_CANCEL_PARAMS = _names("cancellation_reason")
+CHARGE_CREATE_PARAMS = _names(
+    """
+    amount currency source customer description metadata capture receipt_email
+    statement_descriptor statement_descriptor_suffix shipping transfer_group on_behalf_of
+    """
+)
+CHARGE_UPDATE_PARAMS = _names(
+    "metadata description receipt_email shipping fraud_details transfer_group"
+)
+REFUND_CREATE_PARAMS = _names(
+    """
+    charge payment_intent amount reason metadata instructions_email refund_application_fee
+    reverse_transfer origin currency customer
+    """
+)
+REFUND_UPDATE_PARAMS = _names("metadata")
+PM_CREATE_PARAMS = _names("type card billing_details metadata")
+LIST_PARAMS = _names("limit starting_after ending_before created")
 
 _ALPHABET = string.ascii_letters + string.digits
 # Object ids need to be unique, not unguessable; a seeded PRNG is much faster than secrets.
