@@ -145,7 +145,7 @@ class StripeGateway:
     ) -> stripe.Refund | None:
         """The Stripe refund whose ``metadata.refund_id`` is ours, if Stripe has one."""
         for refund in self.iter_refunds(charge_id=charge_id, payment_intent_id=payment_intent_id):
-            if (refund.metadata or {}).get("refund_id") == refund_id:
+            if (refund.to_dict().get("metadata") or {}).get("refund_id") == refund_id:
                 return refund
         return None
 

@@ -1,12 +1,14 @@
 """The whole refund pipeline as real processes, for the worker's tests.
 
-A Stripe emulator, a gunicorn (the API and the webhook endpoint) and a Celery worker
-(threads pool), all on this run's Postgres database and Redis database number. The
-emulator signs its webhooks with the service's secret and POSTs them to the gunicorn.
-Retries, reconciliation and the Stripe client timeout are made short through the
-same settings production uses, so every failure mode settles in seconds.
+A Stripe emulator, a gunicorn (the API and the webhook endpoint), a Celery worker
+(threads pool) and celery beat, on this run's Redis database number and a Postgres
+database of this module's own: the reconciler sweeps every pending refund it can
+see, and must not sweep up other modules' refunds (their charges are unknown to this
+emulator). The emulator signs its webhooks with the service's secret and POSTs them
+to the gunicorn. Retries, reconciliation and the Stripe client timeout are made short
+through the same settings production uses, so every failure mode settles in seconds.
 
-The test process itself gets the same settings (``reconcile_once()`` and
+The test process itself gets the same settings (``db``, ``reconcile_once()`` and
 ``enqueue_refund`` called here behave as in the worker).
 """
 
@@ -25,9 +27,18 @@ from sqlalchemy.orm import Session
 
 from emulator.testing import Admin, EmulatorProcess
 from shared.celery_app import PROCESS_REFUND_TASK, REFUNDS_QUEUE
-from shared.models import Charge, Payment, Refund, RefundEvent, new_id
-from shared.refunds import RefundRequest, initiate_refund
-from tests.support import ServiceProcess, free_port, wait_for_http, web_process, worker_process
+from shared.models import Charge, Payment, Refund, RefundEvent, RefundStatus, new_id
+from shared.refunds import stripe_idempotency_key
+from shared.transitions import record_event
+from tests.conftest import PG_ADMIN_URL, RUN_ID, _admin_execute
+from tests.support import (
+    BIN,
+    ServiceProcess,
+    free_port,
+    wait_for_http,
+    web_process,
+    worker_process,
+)
 
 #: Settings every process of the stack runs with (production defaults in brackets).
 FAST_SETTINGS = {
@@ -82,30 +93,57 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(service_env: dict[str, str], log_dir: Path) -> Iterator[Stack]:
+    database_url = _create_database(f"refunds_test_{RUN_ID}_worker")
     web_port = free_port()
     api_url = f"http://127.0.0.1:{web_port}"
-    with EmulatorProcess(
-        webhook_url=f"{api_url}/v1/webhooks/stripe",
-        webhook_secret=service_env["STRIPE_WEBHOOK_SECRET"],
-        pending_refund_delay=CARD_DELAY,
-        failing_refund_delay=CARD_DELAY,
-    ) as emulator:
-        env = {**service_env, **FAST_SETTINGS, "STRIPE_API_BASE": emulator.url}
-        web, _ = web_process(env, log_dir, workers=2, port=web_port)
-        worker = worker_process(env, log_dir, name="worker", concurrency=4)
-        with pytest.MonkeyPatch.context() as mp, web, worker:
-            for name, value in env.items():
-                mp.setenv(name, value)
-            _clear_caches()
-            wait_for_http(f"{api_url}/healthz", proc=web.proc)
-            stack = Stack(
-                env=env, api_url=api_url, emulator=emulator, worker=worker, log_dir=log_dir
-            )
-            try:
-                yield stack
-            finally:
-                stack.stop_extra()
+    try:
+        with EmulatorProcess(
+            webhook_url=f"{api_url}/v1/webhooks/stripe",
+            webhook_secret=service_env["STRIPE_WEBHOOK_SECRET"],
+            pending_refund_delay=CARD_DELAY,
+            failing_refund_delay=CARD_DELAY,
+        ) as emulator:
+            env = {**service_env, **FAST_SETTINGS, "STRIPE_API_BASE": emulator.url,
+                   "DATABASE_URL": database_url}
+            web, _ = web_process(env, log_dir, workers=2, port=web_port)
+            worker = worker_process(env, log_dir, name="worker", concurrency=4)
+            beat = beat_process(env, log_dir)
+            with pytest.MonkeyPatch.context() as mp, web, worker, beat:
+                for name, value in env.items():
+                    mp.setenv(name, value)
+                _clear_caches()
+                wait_for_http(f"{api_url}/healthz", proc=web.proc)
+                stack = Stack(
+                    env=env, api_url=api_url, emulator=emulator, worker=worker, log_dir=log_dir
+                )
+                try:
+                    yield stack
+                finally:
+                    stack.stop_extra()
+                    _clear_caches()
+    finally:
         _clear_caches()
+        _admin_execute(f'DROP DATABASE IF EXISTS "refunds_test_{RUN_ID}_worker" WITH (FORCE)')
+
+
+def beat_process(env: dict[str, str], log_dir: Path, *, name: str = "beat") -> ServiceProcess:
+    schedule = log_dir / f"{name}-schedule-{time.monotonic_ns()}"
+    argv = [str(BIN / "celery"), "-A", "worker.app", "beat", "--loglevel", "INFO",
+            "--schedule", str(schedule)]
+    return ServiceProcess(name, argv, env, log_dir)
+
+
+def _create_database(name: str) -> str:
+    from alembic import command
+    from alembic.config import Config
+
+    _admin_execute(f'CREATE DATABASE "{name}"')
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    cfg = Config(str(Path(__file__).resolve().parents[2] / "alembic.ini"))
+    cfg.attributes["configure_logging"] = False
+    cfg.attributes["database_url"] = url
+    command.upgrade(cfg, "head")
+    return url
 
 
 @pytest.fixture(autouse=True)
@@ -119,12 +157,17 @@ def _fresh_faults(stack: Stack) -> Iterator[None]:
 
 
 def _clear_caches() -> None:
+    """Forget clients built from the previous settings (the engine: another database)."""
     from shared.celery_app import get_celery
     from shared.config import get_settings
+    from shared.db import _session_factory, get_engine
     from shared.rate_limit import get_limiter
     from shared.stripe_gateway import get_gateway
 
-    for cached in (get_settings, get_gateway, get_limiter, get_celery):
+    if get_engine.cache_info().currsize:
+        get_engine().dispose()
+    caches = (get_settings, get_engine, _session_factory, get_gateway, get_limiter, get_celery)
+    for cached in caches:
         cached.cache_clear()
 
 
@@ -148,16 +191,20 @@ def seed_payments(
     return list(seeded["charges"])
 
 
-def initiate(db: Session, charge_id: str, amount: int | None = 1_000) -> str:
-    """A pending refund, committed, as the API records it (not enqueued)."""
-    result = initiate_refund(
-        session=db,
-        request=RefundRequest(charge_id=charge_id, amount_cents=amount, reason=None),
-        initiated_by=INITIATOR,
-        idempotency_key=None,
-        fingerprint="",
-    )
-    return result.refund_id
+def initiate(db: Session, charge_id: str, amount: int = 1_000) -> str:
+    """A pending refund, committed, as the API records it (not enqueued). The API's own
+    checks are the API tests' business; here the row may even ask for too much."""
+    charge = db.get(Charge, charge_id)
+    assert charge is not None
+    refund_id = new_id("rf")
+    db.add(Refund(id=refund_id, payment_id=charge.payment_id, charge_id=charge_id, amount=amount,
+                  currency=charge.currency, status=RefundStatus.PENDING, initiated_by=INITIATOR,
+                  stripe_idempotency_key=stripe_idempotency_key(refund_id)))
+    db.flush()
+    record_event(db, refund_id=refund_id, from_status=None, to_status=RefundStatus.PENDING,
+                 actor=INITIATOR)
+    db.commit()
+    return refund_id
 
 
 def send_task(broker_url: str, refund_id: str) -> None:
