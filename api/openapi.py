@@ -197,6 +197,14 @@ def _schemas() -> dict[str, Any]:
             },
             "required": ["error", "message", "down"],
         },
+        "WebhookReceived": {
+            "type": "object",
+            "properties": {
+                "received": {"type": "boolean", "const": True},
+                "outcome": {"type": "string", "enum": ["processed", "ignored", "duplicate"]},
+            },
+            "required": ["received"],
+        },
         "Status": {
             "type": "object",
             "properties": {"status": {"type": "string"}},
@@ -306,24 +314,28 @@ def _paths(settings: Settings) -> dict[str, Any]:
                                                   "description": "A Stripe event."})},
                 "responses": {
                     "200": _ok("Event handled, or already seen and ignored.",
-                               _json({"type": "object"})),
+                               _json(_ref("schemas", "WebhookReceived"))),
                     "400": _error("Bad or missing signature, or not a Stripe event; "
                                   "nothing changed."),
                     "413": _ref("responses", "TooLarge"),
                     "500": _ref("responses", "InternalError"),
+                    "503": _error("Stripe could not be reached to apply the event; nothing was "
+                                  "kept and Stripe delivers it again. `error`: "
+                                  "`stripe_unavailable`."),
                 },
             },
         },
         "/healthz": {
             "get": {
                 "operationId": "healthz", "summary": "The process is alive", "security": [],
+                "parameters": [request_id],
                 "responses": {"200": _ok("Alive.", _json(_ref("schemas", "Status")))},
             },
         },
         "/readyz": {
             "get": {
                 "operationId": "readyz", "summary": "Database and broker reachable",
-                "security": [],
+                "security": [], "parameters": [request_id],
                 "responses": {
                     "200": _ok("Ready.", _json(_ref("schemas", "Status"))),
                     "503": {"description": "Not ready.",
@@ -336,7 +348,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
             "get": {
                 "operationId": "metrics",
                 "summary": "Prometheus metrics (for the internal network)",
-                "security": [],
+                "security": [], "parameters": [request_id],
                 "responses": {"200": _ok("Prometheus text exposition format.",
                                          {"text/plain": {"schema": {"type": "string"}}})},
             },
@@ -344,6 +356,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
         "/openapi.json": {
             "get": {
                 "operationId": "openapi", "summary": "This document", "security": [],
+                "parameters": [request_id],
                 "responses": {"200": _ok("OpenAPI 3.1.", _json({"type": "object"}))},
             },
         },
