@@ -202,7 +202,7 @@ def overview(
             select(Refund.status, func.date_trunc(minute, Refund.updated_at), func.count())
             .where(Refund.status.in_(TERMINAL_STATUSES), Refund.updated_at >= chart_start)
             .group_by(Refund.status, func.date_trunc(minute, Refund.updated_at))
-        ).tuples()
+        )
     }
     minutes = []
     for i in range(CHART_MINUTES):
