@@ -25,6 +25,8 @@ from pathlib import Path
 
 import httpx
 
+from shared.procfile import procfile_lines
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 RUN_DIR = ROOT / ".run"
@@ -180,16 +182,6 @@ def _ensure_database() -> None:
                 print(f"make run: created database {name}", flush=True)
     finally:
         engine.dispose()
-
-
-def procfile_lines(path: Path | None = None) -> dict[str, str]:
-    """The Procfile's process types and their commands, in file order."""
-    lines: dict[str, str] = {}
-    for raw in (path or ROOT / "Procfile").read_text().splitlines():
-        if raw.strip() and not raw.lstrip().startswith("#"):
-            name, _, command = raw.partition(":")
-            lines[name.strip()] = command.strip()
-    return lines
 
 
 def _release(env: dict[str, str]) -> None:
