@@ -62,6 +62,7 @@ class Stack:
     api_url: str
     emulator: EmulatorProcess
     worker: ServiceProcess
+    beat: ServiceProcess
     log_dir: Path
     _extra: list[ServiceProcess] = field(default_factory=list)
 
@@ -86,7 +87,7 @@ class Stack:
         return proc
 
     def stop_extra(self) -> None:
-        for proc in self._extra:
+        for proc in reversed(self._extra):  # workers before the redis-server they use
             proc.stop()
         self._extra.clear()
 
@@ -113,9 +114,8 @@ def stack(service_env: dict[str, str], log_dir: Path) -> Iterator[Stack]:
                     mp.setenv(name, value)
                 _clear_caches()
                 wait_for_http(f"{api_url}/healthz", proc=web.proc)
-                stack = Stack(
-                    env=env, api_url=api_url, emulator=emulator, worker=worker, log_dir=log_dir
-                )
+                stack = Stack(env=env, api_url=api_url, emulator=emulator, worker=worker,
+                              beat=beat, log_dir=log_dir)
                 try:
                     yield stack
                 finally:
@@ -154,6 +154,9 @@ def _fresh_faults(stack: Stack) -> Iterator[None]:
     stack.admin.clear_faults()
     stack.admin.config(webhook_url=stack.webhook_url)
     stack.stop_extra()
+    for proc in (stack.worker, stack.beat):  # a test may have stopped or killed them
+        if proc.proc is None or proc.proc.poll() is not None:
+            proc.start()
 
 
 def _clear_caches() -> None:

@@ -1,0 +1,163 @@
+"""Beat reconciliation, Stripe's asynchronous refund test cards and refund webhooks,
+against the real stack (worker, beat, gunicorn, emulator)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from emulator.webhooks import sign
+from shared.celery_app import enqueue_refund
+from shared.config import get_settings
+from shared.db import get_engine
+from shared.models import Refund, RefundEvent, RefundStatus
+from shared.processing import Outcome, process_refund
+from shared.reconcile import RECONCILE_LOCK, reconcile_once, stuck_counts
+from shared.stripe_gateway import StripeGateway
+from tests.worker.conftest import (
+    Stack,
+    initiate,
+    refunds_of,
+    seed_payments,
+    stripe_refunds_per_id,
+    trail,
+    wait_for,
+    wait_for_statuses,
+)
+
+
+def _one_refund(stack: Stack, db: Session, payment_method: str) -> str:
+    [charge_id] = seed_payments(stack, db, 1, payment_method=payment_method)
+    refund_id = initiate(db, charge_id)
+    assert enqueue_refund(refund_id)
+    return refund_id
+
+
+def test_refund_stripe_keeps_pending_is_finished_by_beat_polling(stack: Stack, db: Session) -> None:
+    stack.admin.config(webhook_url=None)  # only polling can tell us
+    refund_id = _one_refund(stack, db, "pm_card_pendingRefund")
+
+    wait_for_statuses(db, [refund_id], {"processing", "succeeded"}, timeout=10)
+    wait_for_statuses(db, [refund_id], "succeeded", timeout=10)
+
+    assert trail(db, refund_id)[1:] == [
+        ("pending", "processing", "worker"), ("processing", "succeeded", "reconciler")
+    ]
+    assert stripe_refunds_per_id(stack, [refund_id]) == {refund_id: 1}
+
+
+def test_refund_failing_after_success_is_failed_by_webhook_and_replays_change_nothing(
+    stack: Stack, db: Session
+) -> None:
+    refund_id = _one_refund(stack, db, "pm_card_refundFail")
+
+    rows = wait_for_statuses(db, [refund_id], "failed", timeout=15)
+
+    stripe_refund_id = rows[refund_id].stripe_refund_id
+    assert (rows[refund_id].failure_reason or "").startswith("refund_failed: ")
+    assert trail(db, refund_id)[1:] == [
+        ("pending", "succeeded", "worker"), ("succeeded", "failed", "webhook")
+    ]
+    events = [
+        e for e in _events(stack)
+        if e["data"]["object"].get("id") == stripe_refund_id
+        or e["data"]["object"].get("refund") == stripe_refund_id
+    ]
+    assert {e["type"] for e in events} >= {"refund.created", "refund.failed"}
+    # Every event again, newest first, twice; plus a never-seen event whose snapshot
+    # still says "succeeded" (a late delivery from before the failure).
+    stale = next(e for e in events if e["type"] == "refund.created")
+    stale = {**stale, "id": stale["id"] + "_late", "type": "refund.updated"}
+    for event in [*reversed(events), *reversed(events), stale]:
+        response = _deliver(stack, event)
+        assert response.status_code == 200, response.text
+
+    assert refunds_of(db, [refund_id])[refund_id].status == "failed"
+    assert len(trail(db, refund_id)) == 3
+    assert stripe_refunds_per_id(stack, [refund_id]) == {refund_id: 1}
+
+
+def _events(stack: Stack) -> list[dict]:
+    client = stack.emulator.client(stack.env["STRIPE_API_KEY"])
+    return [e.to_dict() for e in client.v1.events.list({"limit": 100}).auto_paging_iter()]
+
+
+def _deliver(stack: Stack, event: dict) -> httpx.Response:
+    payload = json.dumps(event).encode()
+    signature = sign(payload, stack.env["STRIPE_WEBHOOK_SECRET"])
+    return httpx.post(stack.webhook_url, content=payload, timeout=10,
+                      headers={"Stripe-Signature": signature, "Content-Type": "application/json"})
+
+
+def test_two_reconcile_passes_never_overlap(stack: Stack) -> None:
+    stack.beat.stop()
+    with get_engine().connect() as other_pass:
+        assert other_pass.scalar(select(func.pg_try_advisory_lock(*RECONCILE_LOCK)))
+        try:
+            assert reconcile_once() == {"skipped": True}
+        finally:
+            other_pass.scalar(select(func.pg_advisory_unlock(*RECONCILE_LOCK)))
+            other_pass.commit()
+    # A pass beat queued before it stopped may still be running in the worker.
+    summary = wait_for(lambda: (s := reconcile_once())["skipped"] is False and s, timeout=10,
+                       what="a reconcile pass of our own")
+    assert {"reenqueued", "polled", "moved", "stuck"} <= summary.keys()
+
+
+def test_refunds_unfinished_past_the_alert_threshold_are_reported_at_error_level(
+    stack: Stack, db: Session, caplog: pytest.LogCaptureFixture
+) -> None:
+    stack.beat.stop()
+    [charge_id] = seed_payments(stack, db, 1)
+    refund_id = initiate(db, charge_id)
+    alert = timedelta(seconds=get_settings().stuck_alert_seconds)
+    # Stripe holds it as pending for hours (it never heard of this id: polling fails too).
+    db.execute(update(Refund).where(Refund.id == refund_id).values(
+        status=RefundStatus.PROCESSING, stripe_refund_id=f"re_lost_{refund_id}",
+        created_at=datetime.now(UTC) - alert - timedelta(minutes=5)))
+    db.commit()
+    try:
+        with caplog.at_level(logging.ERROR, logger="shared.reconcile"):
+            summary = wait_for(lambda: (s := reconcile_once())["skipped"] is False and s,
+                               timeout=10, what="a reconcile pass of our own")
+
+        assert summary["stuck"] == 1 and summary["stuck_refund_ids"] == [refund_id]
+        assert summary["poll_errors"] == 1
+        assert stuck_counts(db) == {"processing": 1}
+        assert any("unfinished" in r.getMessage() for r in caplog.records
+                   if r.levelno == logging.ERROR)
+    finally:
+        db.execute(update(Refund).where(Refund.id == refund_id).values(
+            status=RefundStatus.CANCELED))
+        db.commit()
+
+
+def test_stripe_refusing_our_key_holds_the_refund_pending_until_the_key_works(
+    stack: Stack, db: Session, caplog: pytest.LogCaptureFixture
+) -> None:
+    [charge_id] = seed_payments(stack, db, 1)
+    refund_id = initiate(db, charge_id)
+    bad_key = get_settings().model_copy(update={"stripe_api_key": "sk_live_revoked"})
+
+    with caplog.at_level(logging.ERROR, logger="shared.processing"):
+        result = process_refund(refund_id, gateway=StripeGateway(bad_key))
+
+    assert result.outcome is Outcome.HELD
+    refund = refunds_of(db, [refund_id])[refund_id]
+    assert (refund.status, refund.attempts) == ("pending", 1)
+    assert (refund.last_error or "").startswith("authentication_error: ")
+    assert any(r.levelno == logging.ERROR for r in caplog.records)
+    assert "sk_live_revoked" not in caplog.text and "sk_live_revoked" not in refund.last_error
+    held = db.scalar(select(RefundEvent.detail).where(RefundEvent.refund_id == refund_id,
+                                                      RefundEvent.from_status == "pending",
+                                                      RefundEvent.to_status == "pending"))
+    assert held is not None and held["kind"] == "auth"
+    # With a working key (the stack's), the reconciler picks it up again.
+    wait_for_statuses(db, [refund_id], "succeeded", timeout=15)
+    assert stripe_refunds_per_id(stack, [refund_id]) == {refund_id: 1}
