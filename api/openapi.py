@@ -391,8 +391,10 @@ def build_document(settings: Settings) -> dict[str, Any]:
                     "name": "Idempotency-Key", "in": "header",
                     "description": "Per caller (`sub`), kept 24 h: the same key and body "
                                    "replay the first answer; another body is 422.",
+                    # Printable ASCII; no space at either end, as HTTP strips it there.
                     "schema": {"type": "string", "minLength": 1,
-                               "maxLength": IDEMPOTENCY_KEY_MAX, "pattern": r"^[\x20-\x7e]+$"},
+                               "maxLength": IDEMPOTENCY_KEY_MAX,
+                               "pattern": r"^[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?$"},
                 },
                 "X-Request-Id": {
                     "name": "X-Request-Id", "in": "header",

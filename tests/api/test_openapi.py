@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from api.openapi import build_document
 from api.schemas import RefundCreate
 from tests.api.helpers import REFUNDS, Contract
+from tests.support import auth
 
 # The seed's API page (admin-refunds-api-reference), as published.
 SEED_REQUEST = {
@@ -277,3 +278,18 @@ bodies = st.dictionaries(
 @given(body=bodies)
 def test_published_request_schema_and_model_agree_on_any_body(contract, body) -> None:
     assert schema_accepts(contract, body) == model_accepts(body), body
+
+
+# (A DEL byte never reaches the app: gunicorn refuses such a header itself.)
+@pytest.mark.parametrize("key", ["a", "a b", "~!@#", "k" * 255, "k" * 256, "a\tb"])
+def test_published_idempotency_key_schema_agrees_with_the_server(
+    client, settings, contract, key
+) -> None:
+    published = contract.resolve(contract.document["components"]["parameters"]["Idempotency-Key"])
+    schema_ok = contract.schema_validator(published["schema"]).is_valid(key)
+    resp = client.post(
+        REFUNDS,
+        json={"charge_id": "ch_no_such_charge", "full": True},
+        headers={**auth(settings), "Idempotency-Key": key},
+    )
+    assert resp.status_code == (404 if schema_ok else 422), resp.text
