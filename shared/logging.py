@@ -82,7 +82,8 @@ class ContextFilter(logging.Filter):
 
 # --------------------------------------------------------------------------- redaction
 
-_CARD_CANDIDATE = re.compile(r"(?<![\w.])(?:\d[ -]?){12,18}\d(?![\w.])")
+# 13-19 digits, maybe grouped by spaces or dashes, not part of an id or a decimal number.
+_CARD_CANDIDATE = re.compile(r"(?<!\w)(?<!\d\.)(?:\d[ -]?){12,18}\d(?!\w)(?!\.\d)")
 _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # The whole value of an Authorization header, whatever its scheme.
     (
