@@ -51,7 +51,10 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=64 * 1024, gt=0)
     flower_basic_auth: str | None = None
     log_level: str = "INFO"
-    worker_metrics_port: int = Field(default=9808, ge=0, le=65535)  # 0: the worker serves no metrics
+    worker_metrics_port: int = Field(default=9808, ge=0, le=65535)  # 0: the worker serves none
+    # gunicorn processes and threads per process (the Procfile passes them to gunicorn).
+    web_concurrency: int = Field(default=2, ge=1, le=64)
+    web_threads: int = Field(default=8, ge=1, le=256)
 
     # The operators' console (/console): session cookies are signed with this key.
     console_secret_key: str = DEV_CONSOLE_SECRET
