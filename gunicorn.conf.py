@@ -12,30 +12,17 @@ explicitly. This file does three things a flag cannot:
 
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 from shared.config import load_settings
 from shared.logging import dict_config
 
-
-def _int_env(name: str, default: int, low: int, high: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
-        sys.exit(
-            f"configuration error: {name}: must be an integer from {low} to {high}, got {raw!r}"
-        )
-    return int(raw)
-
-
-load_settings()
+settings = load_settings()
 
 worker_class = "gthread"
-workers = _int_env("WEB_CONCURRENCY", 2, 1, 64)
-threads = _int_env("WEB_THREADS", 8, 1, 256)
+workers = settings.web_concurrency
+threads = settings.web_threads
 timeout = 30
 graceful_timeout = 20
 keepalive = 5
