@@ -59,17 +59,21 @@ def status_of(db: Session, refund_id: str) -> str | None:
     return db.scalar(select(Refund.status).where(Refund.id == refund_id))
 
 
-def stuck_refund(stack: Stack, db: Session, *, amount: int = 1_500) -> str:
-    """A pending refund whose message was lost: committed, never enqueued, created long
-    enough ago to count as stuck."""
-    charge_id = seed_charge(stack, db, amount=5_000)
-    refund_id = initiate_refund(
+def initiate(db: Session, charge_id: str, amount: int) -> str:
+    """A pending refund recorded as the API records it, but never enqueued."""
+    return initiate_refund(
         session=db,
         request=RefundRequest(charge_id=charge_id, amount_cents=amount, reason=None),
         initiated_by="support@example.com",
         idempotency_key=None,
         fingerprint="",
     ).refund_id
+
+
+def stuck_refund(stack: Stack, db: Session, *, amount: int = 1_500) -> str:
+    """A pending refund whose message was lost: committed, never enqueued, created long
+    enough ago to count as stuck."""
+    refund_id = initiate(db, seed_charge(stack, db, amount=5_000), amount)
     db.execute(
         update(Refund).where(Refund.id == refund_id)
         .values(created_at=func.now() - func.make_interval(0, 0, 0, 0, 0, 10))
@@ -193,8 +197,8 @@ def test_reconcile_now_sends_a_stuck_refund_again_and_records_the_operator(
     page.wait_for_url(f"**/console/refunds/{stuck_id}")
     assert page.locator("#stuck-banner").is_visible()
     before = len(events_of(db, stuck_id))
-    page.click("#reconcile-now")
-    page.wait_for_url(f"**/console/refunds/{stuck_id}")
+    with page.expect_navigation():
+        page.click("#reconcile-now")
     assert "Sent to the workers again" in page.inner_text(".flash.ok")
 
     events = events_of(db, stuck_id)
@@ -273,13 +277,14 @@ def test_read_only_operator_sees_but_cannot_reconcile(
 
 def test_list_filters_and_pages_by_cursor(page: Any, stack: Stack, db: Session) -> None:
     charge_id = seed_charge(stack, db, amount=60_000)
-    created = [stack.create_refund(charge_id, 100 + i) for i in range(53)]
+    created = [initiate(db, charge_id, 100 + i) for i in range(53)]
     sign_in(page, stack, stack.token())
     page.goto(f"{stack.url}/console/refunds?charge_id={charge_id}")
     first = page.locator("tr[data-refund-id]").evaluate_all(
         "rows => rows.map(r => r.dataset.refundId)")
     assert first == created[::-1][:50]  # newest first, one page
-    page.click("a[rel=next]")
+    with page.expect_navigation():
+        page.click("a[rel=next]")
     rest = page.locator("tr[data-refund-id]").evaluate_all(
         "rows => rows.map(r => r.dataset.refundId)")
     assert rest == created[::-1][50:]
