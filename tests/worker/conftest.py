@@ -14,6 +14,8 @@ The test process itself gets the same settings (``db``, ``reconcile_once()`` and
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -87,12 +89,12 @@ class Stack:
         return proc
 
     def stop_extra(self) -> None:
-        for proc in reversed(self._extra):  # workers before the redis-server they use
-            proc.stop()
+        # All at once, but workers are waited for before the redis-server they use.
+        _stop_all(list(reversed(self._extra)))
         self._extra.clear()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def stack(service_env: dict[str, str], log_dir: Path) -> Iterator[Stack]:
     database_url = _create_database(f"refunds_test_{RUN_ID}_worker")
     web_port = free_port()
@@ -109,21 +111,33 @@ def stack(service_env: dict[str, str], log_dir: Path) -> Iterator[Stack]:
             web, _ = web_process(env, log_dir, workers=2, port=web_port)
             worker = worker_process(env, log_dir, name="worker", concurrency=4)
             beat = beat_process(env, log_dir)
-            with pytest.MonkeyPatch.context() as mp, web, worker, beat:
+            with pytest.MonkeyPatch.context() as mp:
                 for name, value in env.items():
                     mp.setenv(name, value)
                 _clear_caches()
-                wait_for_http(f"{api_url}/healthz", proc=web.proc)
                 stack = Stack(env=env, api_url=api_url, emulator=emulator, worker=worker,
                               beat=beat, log_dir=log_dir)
                 try:
+                    for proc in (web, worker, beat):
+                        proc.start()
+                    wait_for_http(f"{api_url}/healthz", proc=web.proc)
                     yield stack
                 finally:
                     stack.stop_extra()
+                    _stop_all([beat, worker, web])
                     _clear_caches()
     finally:
         _clear_caches()
         _admin_execute(f'DROP DATABASE IF EXISTS "refunds_test_{RUN_ID}_worker" WITH (FORCE)')
+
+
+def _stop_all(procs: list[ServiceProcess]) -> None:
+    """SIGTERM them all at once, then wait for each: their shutdowns overlap."""
+    for proc in procs:
+        if proc.proc is not None and proc.proc.poll() is None:
+            os.killpg(proc.proc.pid, signal.SIGTERM)
+    for proc in procs:
+        proc.stop()
 
 
 def beat_process(env: dict[str, str], log_dir: Path, *, name: str = "beat") -> ServiceProcess:
@@ -147,7 +161,13 @@ def _create_database(name: str) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _fresh_faults(stack: Stack) -> Iterator[None]:
+def _fresh_faults(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each test that uses the stack starts with no faults, webhooks on, and the
+    worker and beat running, whatever the test before it did."""
+    if "stack" not in request.fixturenames:
+        yield
+        return
+    stack: Stack = request.getfixturevalue("stack")
     stack.admin.clear_faults()
     stack.admin.reset_stats()
     yield
