@@ -27,6 +27,7 @@ from tests.console.conftest import (
     sign_in,
     wait_until,
 )
+from tests.support import free_port
 
 STUCK_AFTER_SECONDS = float(STACK_SETTINGS["STUCK_AFTER_SECONDS"])
 XSS = "<script>window.__xss = 1</script><img src=x onerror=\"window.__xss = 2\">"
@@ -309,3 +310,34 @@ def test_pages_fit_a_phone(browser: Any, stack: Stack, db: Session, path: str) -
         assert overflow <= 0, f"{path} is {overflow}px wider than a phone"
     finally:
         phone.close()
+
+
+def test_reconcile_now_on_a_refund_stripe_holds_polls_stripe_for_it(
+    page: Any, stack: Stack, db: Session
+) -> None:
+    # Stripe holds the refund as pending, then settles it; its webhooks go nowhere, so
+    # only a poll can tell us. refunds.process does nothing past pending: a pass must run.
+    stack.admin.config(webhook_url=f"http://127.0.0.1:{free_port()}/nowhere")
+    try:
+        refund_id = stack.create_refund(
+            seed_charge(stack, db, payment_method="pm_card_pendingRefund"), 900)
+        wait_until(lambda: status_of(db, refund_id) == "processing", timeout=10,
+                   what="Stripe to hold the refund as pending")
+        (held,) = stack.admin.refunds(metadata_refund_id=refund_id)
+        wait_until(lambda: stack.admin.refunds(metadata_refund_id=refund_id)[0]["status"]
+                   == "succeeded", timeout=10, what="Stripe to settle the refund")
+        assert status_of(db, refund_id) == "processing"  # nobody told us
+
+        sign_in(page, stack, stack.token(), path=f"/console/refunds/{refund_id}")
+        with page.expect_navigation():
+            page.click("#reconcile-now")
+        assert "asked for a reconcile pass (refunds.reconcile)" in page.inner_text(".flash.ok")
+        asked = events_of(db, refund_id)[-1]
+        assert (asked.from_status, asked.to_status, asked.actor) == (
+            "processing", "processing", OPERATOR)
+        assert asked.detail == {"action": "reconcile_now", "task": "refunds.reconcile"}
+        wait_until(lambda: status_of(db, refund_id) == "succeeded", timeout=15,
+                   what="the reconcile pass to poll Stripe and move the refund on")
+        assert [r["id"] for r in stack.admin.refunds(metadata_refund_id=refund_id)] == [held["id"]]
+    finally:
+        stack.admin.config(webhook_url=f"{stack.url}/v1/webhooks/stripe")
