@@ -227,10 +227,11 @@ def _record(session: Session, claim: _Claim, stripe_refund: Any) -> Result:
 def _on_error(
     session: Session, gateway: StripeGateway, claim: _Claim, failure: StripeFailure, *, retries: int
 ) -> Result:
-    if failure.kind is ErrorKind.DEFINITE:
+    if failure.kind in (ErrorKind.DEFINITE, ErrorKind.KEY_CONFLICT):
         # A definite "no" to this request is not yet a definite "no" to the refund: an
         # earlier attempt may have gone through (charge_already_refunded can be our own
-        # refund). Only when Stripe holds none of ours does the refund fail.
+        # refund; a key conflict means Stripe saw this key before). Only when Stripe
+        # holds none of ours does the refund fail.
         try:
             found = _find(gateway, claim)
         except GATEWAY_ERRORS as exc:
@@ -238,7 +239,8 @@ def _on_error(
         else:
             if found is not None:
                 return _record(session, claim, found)
-            return _fail(session, claim, failure)
+            if failure.kind is ErrorKind.DEFINITE:
+                return _fail(session, claim, failure)
 
     _note_error(session, claim.refund_id, failure)
     if failure.kind is ErrorKind.TRANSIENT:
@@ -261,7 +263,7 @@ def _on_error(
 
 
 def _fail(session: Session, claim: _Claim, failure: StripeFailure) -> Result:
-    moved = transition(
+    transition(
         session,
         claim.refund_id,
         RefundStatus.FAILED,
@@ -271,10 +273,11 @@ def _fail(session: Session, claim: _Claim, failure: StripeFailure) -> Result:
         failure_reason=failure.describe(),
         last_error=failure.describe(),
     )
+    status = session.scalar(select(Refund.status).where(Refund.id == claim.refund_id))
     session.commit()
     log.info("Stripe refused the refund", extra={"refund_id": claim.refund_id,
-                                                 "code": failure.code, "moved": moved is not None})
-    return Result(Outcome.DONE, status=RefundStatus.FAILED, error=failure.describe())
+                                                 "code": failure.code, "status": status})
+    return Result(Outcome.DONE, status=status, error=failure.describe())
 
 
 def _note_error(session: Session, refund_id: str, failure: StripeFailure) -> None:

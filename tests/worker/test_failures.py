@@ -19,6 +19,10 @@ import redis
 from sqlalchemy.orm import Session
 
 from shared.celery_app import REFUNDS_QUEUE, enqueue_refund
+from shared.models import RefundStatus
+from shared.processing import Outcome, process_refund
+from shared.refunds import stripe_idempotency_key
+from shared.transitions import transition
 from tests.support import BIN, free_port
 from tests.worker.conftest import (
     FAST_SETTINGS,
@@ -262,3 +266,28 @@ def test_reconcile_once_from_the_command_line_reports_its_pass(stack: Stack, db:
     )
     assert result.returncode == 0, result.stderr
     assert '"skipped"' in result.stdout
+
+
+def test_idempotency_key_used_with_other_parameters_holds_the_refund_never_fails_it(
+    stack: Stack, db: Session
+) -> None:
+    stack.beat.stop()  # this refund is driven by hand below
+    [charge_id] = seed_payments(stack, db, 1)
+    refund_id = initiate(db, charge_id)
+    # Something else spent our refund's key at Stripe: a bug, and nobody knows what
+    # that request did, so the refund must not be called failed.
+    stack.emulator.client(stack.env["STRIPE_API_KEY"]).v1.payment_intents.create(
+        {"amount": 100, "currency": "usd"},
+        {"idempotency_key": stripe_idempotency_key(refund_id)},
+    )
+    try:
+        result = process_refund(refund_id)
+
+        assert result.outcome is Outcome.HELD
+        refund = refunds_of(db, [refund_id])[refund_id]
+        assert refund.status == "pending"
+        assert (refund.last_error or "").startswith("idempotency_error: ")
+        assert stripe_refunds_per_id(stack, [refund_id]) == {refund_id: 0}
+    finally:
+        transition(db, refund_id, RefundStatus.CANCELED, actor="tests")
+        db.commit()
