@@ -26,8 +26,13 @@ def check_workers(*, timeout: float, node: str | None = None, this_host: bool = 
     try:
         with app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=timeout)
+            # One named node: return on its answer. Otherwise wait out the timeout,
+            # since nobody knows how many workers should answer.
             replies = app.control.ping(
-                destination=[node] if node else None, timeout=timeout, connection=conn
+                destination=[node] if node else None,
+                timeout=timeout,
+                limit=1 if node else None,
+                connection=conn,
             )
     except Exception as exc:
         kind = type(exc).__name__
