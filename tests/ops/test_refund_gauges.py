@@ -1,0 +1,101 @@
+"""/metrics reads refunds by status, the oldest non-terminal refund's age and the stuck
+count from Postgres at scrape time, with queries an index can serve."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import Engine, create_engine, text
+
+from shared.metrics import _RECENT_QUERY, _STATE_QUERY
+from tests.support import wait_for_http, web_process
+
+HOUR = 3600
+ROWS = [
+    # status, created (seconds ago), updated (seconds ago)
+    ("pending", 2 * HOUR, 2 * HOUR),  # stuck: not updated for longer than STUCK_ALERT_SECONDS
+    ("pending", 600, 600),
+    ("processing", 24 * HOUR + 60, 60),
+    ("succeeded", HOUR, HOUR),
+    ("failed", 3 * 24 * HOUR, 2 * 24 * HOUR),  # outside the 24 h window
+]
+INSERT_PAYMENT = """
+INSERT INTO payments (id, amount, currency, status)
+VALUES ('pay_gauges', 100000, 'usd', 'succeeded')
+"""
+INSERT_REFUND = """
+INSERT INTO refunds (id, payment_id, amount, currency, status, stripe_idempotency_key, initiated_by,
+                     created_at, updated_at)
+VALUES (:id, 'pay_gauges', 100, 'usd', :status, :key, 'test',
+        now() - make_interval(secs => :created), now() - make_interval(secs => :updated))
+"""
+
+
+@pytest.fixture
+def engine(ops_env: dict[str, str]) -> Iterator[Engine]:
+    engine = create_engine(ops_env["DATABASE_URL"])
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def aged_refunds(engine: Engine) -> Iterator[None]:
+    with engine.begin() as conn:
+        conn.execute(text(INSERT_PAYMENT))
+        for i, (status, created, updated) in enumerate(ROWS):
+            row = {"id": f"rf_gauges_{i}", "status": status, "key": f"gauges-{i}"}
+            conn.execute(text(INSERT_REFUND), {**row, "created": created, "updated": updated})
+    yield
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM refunds WHERE payment_id = 'pay_gauges'"))
+        conn.execute(text("DELETE FROM payments WHERE id = 'pay_gauges'"))
+
+
+def _value(metrics: str, name: str, status: str) -> float:
+    match = re.search(rf'^{name}{{status="{status}"}} (\S+)$', metrics, re.MULTILINE)
+    assert match, f"{name}{{status={status}}} missing"
+    return float(match.group(1))
+
+
+def test_refund_gauges_come_from_the_database_at_scrape_time(
+    ops_env: dict[str, str], aged_refunds: None, log_dir: Path
+) -> None:
+    env = {**ops_env, "STUCK_ALERT_SECONDS": str(HOUR)}
+    web, url = web_process(env, log_dir, workers=1)
+    with web:
+        wait_for_http(f"{url}/healthz", proc=web.proc)
+        metrics = httpx.get(f"{url}/metrics", timeout=15).text
+    assert _value(metrics, "refunds_open", "pending") == 2
+    assert _value(metrics, "refunds_open", "processing") == 1
+    assert _value(metrics, "refunds_open", "requires_action") == 0
+    assert (
+        2 * HOUR <= _value(metrics, "refunds_oldest_open_age_seconds", "pending") < 2 * HOUR + 120
+    )
+    assert (
+        24 * HOUR
+        <= _value(metrics, "refunds_oldest_open_age_seconds", "processing")
+        < 24 * HOUR + 180
+    )
+    assert _value(metrics, "refunds_oldest_open_age_seconds", "requires_action") == 0
+    assert _value(metrics, "refunds_stuck", "pending") == 1
+    assert _value(metrics, "refunds_stuck", "processing") == 0
+    assert _value(metrics, "refunds_updated_last_24h", "succeeded") == 1
+    assert _value(metrics, "refunds_updated_last_24h", "failed") == 0
+    assert _value(metrics, "refunds_updated_last_24h", "pending") == 2
+
+
+@pytest.mark.parametrize("query", [_STATE_QUERY, _RECENT_QUERY], ids=["open", "recent"])
+def test_the_scrape_queries_can_be_served_by_an_index(engine: Engine, query: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(text("SET LOCAL enable_seqscan = off"))
+        plan = "\n".join(
+            row[0]
+            for row in conn.execute(
+                text(f"EXPLAIN {query}"), {"stuck_after": HOUR, "window": 86400}
+            )
+        )
+    assert "ix_refunds_status_updated_at" in plan, plan
