@@ -12,8 +12,11 @@ upserts here, so the rules live in one place:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
@@ -30,7 +33,7 @@ from shared.stripe_gateway import StripeGateway, get_gateway
 log = logging.getLogger(__name__)
 
 #: How far along a payment or charge is. A status may only be replaced by one of the
-#: same or a higher rank; rank 4 is final. PaymentIntent statuses, plus Charge
+#: same or a higher rank; rank ``FINAL_RANK`` is final. PaymentIntent statuses, plus Charge
 #: statuses for payments made with the Charges API alone (no PaymentIntent).
 STATUS_RANK: dict[str, int] = {
     "requires_payment_method": 1,
@@ -43,7 +46,8 @@ STATUS_RANK: dict[str, int] = {
     "canceled": 4,
     "failed": 4,
 }
-FINAL_STATUSES = tuple(s for s, rank in STATUS_RANK.items() if rank == 4)
+FINAL_RANK = 4
+FINAL_STATUSES = tuple(s for s, rank in STATUS_RANK.items() if rank == FINAL_RANK)
 
 #: Rows per INSERT and per transaction in a sync: big enough to amortise round trips,
 #: small enough that a batch holds its row locks only briefly next to live webhooks.
@@ -71,16 +75,16 @@ def _rank_sql(column: Any) -> ColumnElement[int]:
 def _may_replace_status(current: Any, incoming: Any, *, authoritative: bool) -> ColumnElement[bool]:
     """SQL for "the incoming status may replace the stored one".
 
-    Never out of a final status (except to refresh the same one). Otherwise forward
-    only, unless ``incoming`` was just read from Stripe (``authoritative``): Stripe
-    itself moves a PaymentIntent back from ``processing`` to
-    ``requires_payment_method`` when an asynchronous payment fails, and only a fresh
-    read can tell that apart from a late event.
+    Never out of a final status (except to refresh the same one). Otherwise strictly
+    forward, unless ``incoming`` was just read from Stripe (``authoritative``): Stripe
+    itself moves a PaymentIntent back (``processing`` to ``requires_payment_method``
+    when an asynchronous payment fails) and sideways (``requires_confirmation`` to
+    ``requires_action``), and only a fresh read tells that apart from a late event.
     """
-    not_final = current.not_in(FINAL_STATUSES)
+    not_final = _rank_sql(current) < FINAL_RANK
     if authoritative:
         return or_(current == incoming, not_final)
-    return or_(current == incoming, and_(not_final, _rank_sql(incoming) >= _rank_sql(current)))
+    return or_(current == incoming, and_(not_final, _rank_sql(incoming) > _rank_sql(current)))
 
 
 # Payments --------------------------------------------------------------------------
@@ -110,6 +114,33 @@ def _legacy_payment_id(charge_id: str) -> str:
     return "pay_" + hashlib.sha256(charge_id.encode()).hexdigest()[:24]
 
 
+@functools.cache
+def _payment_upsert(*, authoritative: bool, conflict: str) -> Any:
+    """The payments upsert, built once: executed with a list of rows, SQLAlchemy sends
+    them as multi-row INSERTs ("insertmanyvalues") from one compiled statement."""
+    table = Payment.__table__
+    stmt = pg_insert(table)
+    new = stmt.excluded
+    current = table.c
+    return stmt.on_conflict_do_update(
+        index_elements=[current[conflict]],
+        set_={
+            "status": new.status,
+            "amount": new.amount,
+            "currency": new.currency,
+            "updated_at": func.now(),
+        },
+        where=and_(
+            _may_replace_status(current.status, new.status, authoritative=authoritative),
+            or_(
+                current.status != new.status,
+                current.amount != new.amount,
+                current.currency != new.currency,
+            ),
+        ),
+    ).returning(literal_column("xmax = 0"))
+
+
 def upsert_payments(
     session: Session, intents: Iterable[StripeObject], *, authoritative: bool = False
 ) -> dict[str, int]:
@@ -118,37 +149,15 @@ def upsert_payments(
     ``authoritative``: the objects were just read from Stripe (not an event snapshot),
     so a non-final status may also move back (see ``_may_replace_status``)."""
     by_pi = {str(pi["id"]): payment_values(pi) for pi in intents}
-    if not by_pi:
-        return {"inserted": 0, "updated": 0}
     # One row per PaymentIntent, in key order so concurrent batches lock rows in the
     # same order and cannot deadlock each other.
     rows = [{"id": new_id("pay"), **by_pi[pi_id]} for pi_id in sorted(by_pi)]
-    stmt = pg_insert(Payment).values(rows)
-    new = stmt.excluded
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[Payment.stripe_payment_intent_id],
-        set_={
-            "status": new.status,
-            "amount": new.amount,
-            "currency": new.currency,
-            "updated_at": func.now(),
-        },
-        where=and_(
-            _may_replace_status(Payment.status, new.status, authoritative=authoritative),
-            or_(
-                Payment.status != new.status,
-                Payment.amount != new.amount,
-                Payment.currency != new.currency,
-            ),
-        ),
-    )
-    return _count(session, stmt.returning(literal_column("xmax = 0")))
+    stmt = _payment_upsert(authoritative=authoritative, conflict="stripe_payment_intent_id")
+    return _count(session, stmt, rows)
 
 
 def _upsert_legacy_payments(session: Session, charges: list[StripeObject]) -> None:
     """Payments for charges that have no PaymentIntent; the charge is the payment."""
-    if not charges:
-        return
     rows = sorted(
         (
             {
@@ -162,18 +171,7 @@ def _upsert_legacy_payments(session: Session, charges: list[StripeObject]) -> No
         ),
         key=lambda row: row["id"],
     )
-    stmt = pg_insert(Payment).values(rows)
-    new = stmt.excluded
-    session.execute(
-        stmt.on_conflict_do_update(
-            index_elements=[Payment.id],
-            set_={"status": new.status, "amount": new.amount, "updated_at": func.now()},
-            where=and_(
-                _may_replace_status(Payment.status, new.status, authoritative=False),
-                or_(Payment.status != new.status, Payment.amount != new.amount),
-            ),
-        )
-    )
+    _count(session, _payment_upsert(authoritative=False, conflict="id"), rows)
 
 
 def payment_ids_for(session: Session, payment_intent_ids: Iterable[str]) -> dict[str, str]:
@@ -189,10 +187,21 @@ def payment_ids_for(session: Session, payment_intent_ids: Iterable[str]) -> dict
     return {str(pi_id): pay_id for pi_id, pay_id in rows}
 
 
-def stored_payment_status(session: Session, payment_intent_id: str) -> str | None:
-    return session.scalar(
-        select(Payment.status).where(Payment.stripe_payment_intent_id == payment_intent_id)
+def apply_payment_intent(session: Session, pi: StripeObject, *, gateway: StripeGateway) -> None:
+    """Apply a PaymentIntent snapshot from an event; if it does not stick, ask Stripe.
+
+    A snapshot only moves a payment forward. When the stored status is still not final
+    and differs from the snapshot's afterwards, the snapshot was either late or Stripe
+    really moved the payment back or sideways; Stripe's current answer settles it.
+    Reading after the upsert (which waits for a concurrent one on the same row) also
+    settles two events for one PaymentIntent applied at the same moment."""
+    upsert_payments(session, [pi])
+    stored = session.scalar(
+        select(Payment.status).where(Payment.stripe_payment_intent_id == str(pi["id"]))
     )
+    if stored is not None and stored != pi["status"] and status_rank(stored) < FINAL_RANK:
+        fresh = as_dict(gateway.retrieve_payment_intent(str(pi["id"])))
+        upsert_payments(session, [fresh], authoritative=True)
 
 
 # Charges ---------------------------------------------------------------------------
@@ -255,31 +264,37 @@ def upsert_charges(
                 "disputed": disputed or bool(ch.get("disputed")),
             }
         )
-    stmt = pg_insert(Charge).values(rows)
+    return _count(session, _charge_upsert(), rows)
+
+
+@functools.cache
+def _charge_upsert() -> Any:
+    table = Charge.__table__
+    stmt = pg_insert(table)
     new = stmt.excluded
-    status_ok = _may_replace_status(Charge.status, new.status, authoritative=False)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[Charge.id],
+    current = table.c
+    status_ok = _may_replace_status(current.status, new.status, authoritative=False)
+    return stmt.on_conflict_do_update(
+        index_elements=[current.id],
         set_={
-            "status": case((status_ok, new.status), else_=Charge.status),
-            "amount": case((status_ok, new.amount), else_=Charge.amount),
-            "currency": case((status_ok, new.currency), else_=Charge.currency),
-            "disputed": or_(Charge.disputed, new.disputed),
+            "status": case((status_ok, new.status), else_=current.status),
+            "amount": case((status_ok, new.amount), else_=current.amount),
+            "currency": case((status_ok, new.currency), else_=current.currency),
+            "disputed": or_(current.disputed, new.disputed),
             "updated_at": func.now(),
         },
         where=or_(
             and_(
                 status_ok,
                 or_(
-                    Charge.status != new.status,
-                    Charge.amount != new.amount,
-                    Charge.currency != new.currency,
+                    current.status != new.status,
+                    current.amount != new.amount,
+                    current.currency != new.currency,
                 ),
             ),
-            and_(new.disputed, Charge.disputed.is_(False)),
+            and_(new.disputed, current.disputed.is_(False)),
         ),
-    )
-    return _count(session, stmt.returning(literal_column("xmax = 0")))
+    ).returning(literal_column("xmax = 0"))
 
 
 def mark_disputed(session: Session, charge_id: str) -> bool:
@@ -305,9 +320,12 @@ def ensure_charges(session: Session, charge_ids: Iterable[str], *, gateway: Stri
         upsert_charges(session, fetched, gateway=gateway)
 
 
-def _count(session: Session, stmt: Any) -> dict[str, int]:
+def _count(session: Session, stmt: Any, rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Run an upsert over ``rows``; count the rows it inserted and those it changed."""
+    if not rows:
+        return {"inserted": 0, "updated": 0}
     inserted = updated = 0
-    for (was_insert,) in session.execute(stmt):
+    for (was_insert,) in session.execute(stmt, rows):
         if was_insert:
             inserted += 1
         else:
@@ -349,15 +367,51 @@ def apply_refunds(
 # Sync ------------------------------------------------------------------------------
 
 
-def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    batch: list[T] = []
+def _batches(items: Iterable[Any], size: int) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
     for item in items:
-        batch.append(item)
+        batch.append(as_dict(item))
         if len(batch) >= size:
             yield batch
             batch = []
     if batch:
         yield batch
+
+
+_DONE = object()
+
+
+def _read_ahead(batches: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """Yield ``batches`` while a thread reads the next ones from Stripe, so listing a page
+    (network, and building the SDK's objects) overlaps writing the previous batch."""
+    ready: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        ready.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ready.put(_DONE)
+        except BaseException as exc:  # handed to the consumer, raised there
+            ready.put(exc)
+
+    reader = threading.Thread(target=produce, name="stripe-list-reader", daemon=True)
+    reader.start()
+    try:
+        while (item := ready.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        reader.join(timeout=5)
 
 
 def _in_transaction(work: Callable[[Session], dict[str, int] | int]) -> dict[str, int] | int:
@@ -395,21 +449,19 @@ def sync_from_stripe(
     result: dict[str, Any] = {}
 
     counts = {"seen": 0, "inserted": 0, "updated": 0}
-    for batch in _batches(gateway.iter_payment_intents(), batch_size):
-        intents = [as_dict(pi) for pi in batch]
+    for intents in _read_ahead(_batches(gateway.iter_payment_intents(), batch_size)):
         part = _in_transaction(lambda s, i=intents: upsert_payments(s, i, authoritative=True))
         _add(counts, {"seen": len(intents), **part})  # type: ignore[dict-item]
     result["payment_intents"] = counts
 
     counts = {"seen": 0, "inserted": 0, "updated": 0}
-    for batch in _batches(gateway.iter_charges(), batch_size):
-        charges = [as_dict(ch) for ch in batch]
+    for charges in _read_ahead(_batches(gateway.iter_charges(), batch_size)):
         part = _in_transaction(lambda s, c=charges: upsert_charges(s, c, gateway=gateway))
         _add(counts, {"seen": len(charges), **part})  # type: ignore[dict-item]
     result["charges"] = counts
 
     seen = 0
-    for batch in _batches(gateway.iter_refunds(), batch_size):
+    for batch in _read_ahead(_batches(gateway.iter_refunds(), batch_size)):
         seen += int(
             _in_transaction(  # type: ignore[arg-type]
                 lambda s, r=batch: apply_refunds(s, r, gateway=gateway, actor="stripe")

@@ -72,21 +72,9 @@ def verify_event(payload: bytes, signature: str | None, secret: str) -> dict[str
 
 
 def _on_payment_intent(session: Session, pi: Mapping[str, Any], gateway: StripeGateway) -> None:
-    stored = payments.stored_payment_status(session, str(pi["id"]))
-    incoming = str(pi.get("status", ""))
-    if (
-        stored is not None
-        and stored not in payments.FINAL_STATUSES
-        and payments.status_rank(incoming) < payments.status_rank(stored)
-    ):
-        # Either a late event or Stripe really moved it back (an asynchronous payment
-        # failed after `processing`): only Stripe's current answer can tell.
-        fresh = payments.as_dict(gateway.retrieve_payment_intent(str(pi["id"])))
-        payments.upsert_payments(session, [fresh], authoritative=True)
-        return
     if "status" not in pi or "amount" not in pi or "currency" not in pi:
         pi = payments.as_dict(gateway.retrieve_payment_intent(str(pi["id"])))
-    payments.upsert_payments(session, [pi])
+    payments.apply_payment_intent(session, pi, gateway=gateway)
 
 
 def _charge_snapshot(ch: Mapping[str, Any], gateway: StripeGateway) -> Mapping[str, Any]:
