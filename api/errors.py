@@ -39,7 +39,12 @@ class ApiError(Exception):
     """An HTTP error raised at the edge (auth, validation)."""
 
     def __init__(
-        self, status: int, message: str, *, code: str | None = None, headers: dict[str, str] | None = None
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -48,7 +53,9 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> Response:
     response = jsonify(error=code, message=message)
     response.status_code = status
     for name, value in (headers or {}).items():
@@ -82,5 +89,6 @@ def register_error_handlers(app: Flask) -> None:
         return error_response(
             500,
             "internal_error",
-            f"Something went wrong on our side. Quote request id {g.get('request_id')} when reporting it.",
+            f"Something went wrong on our side. Quote request id {g.get('request_id')} "
+            "when reporting it.",
         )
