@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
@@ -106,6 +108,77 @@ def worker_process(env: Mapping[str, str], log_dir: Path, *, name: str = "worker
         "--without-mingle", "--without-gossip",
     ]
     return ServiceProcess(name, argv, env, log_dir)
+
+
+def beat_process(env: Mapping[str, str], log_dir: Path, *, name: str = "beat") -> ServiceProcess:
+    schedule = log_dir / f"{name}-schedule-{time.monotonic_ns()}"
+    argv = [str(BIN / "celery"), "-A", "worker.app", "beat", "--loglevel", "INFO",
+            "--schedule", str(schedule)]
+    return ServiceProcess(name, argv, env, log_dir)
+
+
+class RedisServer:
+    """A redis-server of a test's own, on a free port, without persistence: a restart
+    loses everything it held, as a crashed broker does."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis.from_url(self.url).ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise
+                time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: the queue it held is lost."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def migrate(database_url: str) -> None:
+    """Bring a database to the head revision, in this process."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config(str(ROOT / "alembic.ini"))
+    cfg.attributes["configure_logging"] = False
+    cfg.attributes["database_url"] = database_url
+    command.upgrade(cfg, "head")
+
+
+def create_database(name: str) -> str:
+    """A new, migrated database on the run's Postgres; its URL."""
+    from tests.conftest import PG_ADMIN_URL, _admin_execute
+
+    _admin_execute(f'CREATE DATABASE "{name}"')
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    migrate(url)
+    return url
 
 
 def token(settings: Settings, *, scopes: tuple[str, ...] = ("refunds:read", "refunds:write"), sub: str = "ops@example.com", ttl: int = 3600) -> str:

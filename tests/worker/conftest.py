@@ -32,15 +32,16 @@ from shared.celery_app import PROCESS_REFUND_TASK, REFUNDS_QUEUE
 from shared.models import Charge, Payment, Refund, RefundEvent, RefundStatus, new_id
 from shared.refunds import stripe_idempotency_key
 from shared.transitions import record_event
-from tests.conftest import PG_ADMIN_URL, RUN_ID, _admin_execute
+from tests.conftest import RUN_ID, _admin_execute
 from tests.support import (
-    BIN,
     ServiceProcess,
+    beat_process,
     free_port,
     wait_for_http,
     web_process,
     worker_process,
 )
+from tests.support import create_database as _create_database
 
 #: Settings every process of the stack runs with (production defaults in brackets).
 FAST_SETTINGS = {
@@ -138,26 +139,6 @@ def _stop_all(procs: list[ServiceProcess]) -> None:
             os.killpg(proc.proc.pid, signal.SIGTERM)
     for proc in procs:
         proc.stop()
-
-
-def beat_process(env: dict[str, str], log_dir: Path, *, name: str = "beat") -> ServiceProcess:
-    schedule = log_dir / f"{name}-schedule-{time.monotonic_ns()}"
-    argv = [str(BIN / "celery"), "-A", "worker.app", "beat", "--loglevel", "INFO",
-            "--schedule", str(schedule)]
-    return ServiceProcess(name, argv, env, log_dir)
-
-
-def _create_database(name: str) -> str:
-    from alembic import command
-    from alembic.config import Config
-
-    _admin_execute(f'CREATE DATABASE "{name}"')
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    cfg = Config(str(Path(__file__).resolve().parents[2] / "alembic.ini"))
-    cfg.attributes["configure_logging"] = False
-    cfg.attributes["database_url"] = url
-    command.upgrade(cfg, "head")
-    return url
 
 
 @pytest.fixture(autouse=True)
