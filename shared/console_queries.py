@@ -46,6 +46,7 @@ FINISHED_WINDOW = timedelta(hours=24)
 ERROR_WINDOW = timedelta(hours=1)
 STUCK_LIST_LIMIT = 50
 RECONCILE_ACTION = "reconcile_now"
+ID_MAX = 255
 
 
 class RefundIsTerminal(RefundServiceError):
@@ -119,6 +120,15 @@ class RefundDetail:
     events: list[RefundEvent]
     payment: PaymentSummary
     stuck: bool
+
+
+def _no_such_refund(refund_id: str) -> NotFound:
+    return NotFound(f"No refund has the id '{refund_id[:80]}'.")
+
+
+def _could_be_an_id(value: str) -> bool:
+    # Postgres refuses NUL in text outright: such a value must not reach a query.
+    return 0 < len(value) <= ID_MAX and value.isprintable()
 
 
 def db_now(session: Session) -> datetime:
@@ -300,9 +310,9 @@ def list_refunds(
 def refund_detail(
     *, session: Session, refund_id: str, stuck_after_seconds: float, stuck_alert_seconds: float
 ) -> RefundDetail:
-    refund = session.get(Refund, refund_id)
+    refund = session.get(Refund, refund_id) if _could_be_an_id(refund_id) else None
     if refund is None:
-        raise NotFound(f"No refund has the id '{refund_id[:80]}'.")
+        raise _no_such_refund(refund_id)
     now = db_now(session)
     events = list(
         session.scalars(
@@ -359,9 +369,11 @@ def reconcile_now(*, session: Session, refund_id: str, actor: str) -> Reconciled
     reconcile pass polls Stripe for it instead. Only the audit trail is written here,
     with the status unchanged; the task is sent after the commit.
     """
+    if not _could_be_an_id(refund_id):
+        raise _no_such_refund(refund_id)
     status = session.scalar(select(Refund.status).where(Refund.id == refund_id).with_for_update())
     if status is None:
-        raise NotFound(f"No refund has the id '{refund_id[:80]}'.")
+        raise _no_such_refund(refund_id)
     if status in TERMINAL_STATUSES:
         raise RefundIsTerminal(f"The refund is '{status}': there is nothing left to reconcile.")
     task = PROCESS_REFUND_TASK if status == S.PENDING else RECONCILE_TASK

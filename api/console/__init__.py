@@ -188,8 +188,8 @@ def overview() -> Any:
 
 def _filter(name: str) -> str | None:
     value = request.args.get(name, "").strip()
-    if len(value) > FILTER_MAX:
-        raise _BadFilter(f"{name} is longer than {FILTER_MAX} characters.")
+    if len(value) > FILTER_MAX or not value.isprintable():
+        raise _BadFilter(f"{name} must be at most {FILTER_MAX} printable characters.")
     return value or None
 
 

@@ -303,6 +303,10 @@ def test_list_filters_and_pages_by_cursor(page: Any, stack: Stack, db: Session) 
     assert page.locator("tr[data-refund-id]").count() == 0
     page.goto(f"{stack.url}/console/refunds?status=sent")
     assert "status must be one of" in page.inner_text("main")
+    for path, status in (("/console/refunds?charge_id=ch_%00", 400),
+                         ("/console/refunds?cursor=bm90LWEtY3Vyc29y", 400),
+                         ("/console/refunds/rf_%00", 404), ("/console/refunds/rf_nope", 404)):
+        assert page.goto(f"{stack.url}{path}").status == status, path  # a page, never a 500
 
 
 @pytest.mark.parametrize("path", ["/console/?refresh=off", "/console/refunds", "REFUND"])
