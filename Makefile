@@ -23,6 +23,12 @@ run: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# Figures against a raw baseline measured in the same run (bench/README.md); a few
+# minutes. Knobs: BENCH_PAYMENTS, BENCH_SECONDS, BENCH_CONNECTIONS, ... (bench/run.py).
+bench: install
+	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
+	$(BIN)/python -m bench
+
 lint: install
 	$(BIN)/ruff check .
 

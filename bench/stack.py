@@ -1,0 +1,290 @@
+"""The processes a benchmark run owns, and what the kernel says about them.
+
+Everything here is created for one run and removed at its end: a Postgres database
+``refunds_bench_<random>``, a ``redis-server`` on a free port, the Stripe emulator,
+and the Procfile's ``web`` and ``worker`` lines (started through
+``python -m shared.procfile``, so they run exactly as in production).
+
+CPU time and memory come from ``/proc`` (Linux): ``VmHWM`` is a process's peak
+resident set size, ``utime + stime`` its CPU time.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(RuntimeError):
+    """The run cannot go on; the message says why."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_http(url: str, *, timeout: float = 60.0, proc: subprocess.Popen[Any] | None = None,
+                  log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
+            raise BenchError(f"process exited with {proc.returncode} before {url} answered\n{tail}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code < 500:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise BenchError(f"{url} did not answer within {timeout:.0f} s")
+
+
+# --------------------------------------------------------------------------- /proc
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def children(pid: int) -> list[int]:
+    """``pid`` and all its descendants that are alive now."""
+    by_parent: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        stat = _read(f"/proc/{entry}/stat")
+        if stat is None:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        by_parent.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        if os.path.exists(f"/proc/{current}"):
+            found.append(current)
+        todo.extend(by_parent.get(current, []))
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    stat = _read(f"/proc/{pid}/stat")
+    if stat is None:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """``{"rss": current, "hwm": peak}`` resident set size in kB (0 when gone)."""
+    status = _read(f"/proc/{pid}/status") or ""
+    out = {"rss": 0, "hwm": 0}
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            out["rss"] = int(line.split()[1])
+        elif line.startswith("VmHWM:"):
+            out["hwm"] = int(line.split()[1])
+    return out
+
+
+def postgres_backends(database: str) -> list[int]:
+    """The Postgres server processes serving connections to ``database``."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            cmdline = _read(f"/proc/{entry}/cmdline") or ""
+            if cmdline.startswith("postgres: ") and f" {database} " in cmdline:
+                pids.append(int(entry))
+    return pids
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) jiffies of the whole machine since boot."""
+    first = (_read("/proc/stat") or "cpu 0 0 0 0").splitlines()[0].split()[1:]
+    values = [int(v) for v in first[:8]]
+    idle = values[3] + values[4]  # idle + iowait
+    return float(sum(values) - idle), float(sum(values))
+
+
+def machine_info() -> dict[str, Any]:
+    model = ""
+    for line in (_read("/proc/cpuinfo") or "").splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    mem_kb = 0
+    for line in (_read("/proc/meminfo") or "").splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kb = int(line.split()[1])
+    return {
+        "cores": os.cpu_count(),
+        "ram_gb": round(mem_kb / 1024 / 1024, 1),
+        "cpu_model": model,
+        "python": sys.version.split()[0],
+        "postgres": "",
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+class CpuMeter:
+    """CPU used by groups of processes between ``start()`` and ``stop()``, in cores."""
+
+    def __init__(self, groups: Mapping[str, Callable[[], Iterable[int]]]) -> None:
+        self.groups = groups
+        self._start: dict[str, dict[int, float]] = {}
+        self._t0 = 0.0
+        self._machine0 = (0.0, 0.0)
+
+    def _snapshot(self) -> dict[str, dict[int, float]]:
+        return {
+            name: {pid: cpu_seconds(pid) for pid in pids()} for name, pids in self.groups.items()
+        }
+
+    def start(self) -> None:
+        self._start = self._snapshot()
+        self._t0 = time.monotonic()
+        self._machine0 = machine_cpu()
+
+    def stop(self) -> dict[str, float]:
+        end = self._snapshot()
+        wall = max(time.monotonic() - self._t0, 1e-9)
+        busy1, total1 = machine_cpu()
+        out = {}
+        for name, pids in end.items():
+            before = self._start.get(name, {})
+            used = sum(max(0.0, t - before.get(pid, 0.0)) for pid, t in pids.items())
+            out[name] = round(used / wall, 2)
+        total = total1 - self._machine0[1]
+        busy = busy1 - self._machine0[0]
+        out["machine"] = round((busy / total) * (os.cpu_count() or 1), 2) if total else 0.0
+        return out
+
+
+# --------------------------------------------------------------------------- services
+
+
+@dataclass
+class Process:
+    """A child process in a session of its own, its output in a log file."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Process:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(  # noqa: S603 - our own commands
+                self.argv, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def pids(self) -> list[int]:
+        return children(self.pid) if self.alive() else []
+
+    def memory(self) -> list[dict[str, int]]:
+        return [{"pid": pid, **memory_kb(pid)} for pid in self.pids()]
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if not self.alive():
+            return
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+def procfile_process(kind: str, env: dict[str, str], log_dir: Path, *, suffix: str = "") -> Process:
+    """A Procfile process type, started the way containers start it."""
+    argv = [sys.executable, "-m", "shared.procfile", kind]
+    return Process(kind + suffix, argv, env, log_dir / f"{kind}{suffix}.log")
+
+
+@dataclass
+class Database:
+    """A Postgres database of this run's own, dropped at the end."""
+
+    admin_url: str
+    name: str = field(default_factory=lambda: f"refunds_bench_{secrets.token_hex(5)}")
+
+    @property
+    def url(self) -> str:
+        return self.admin_url.rsplit("/", 1)[0] + f"/{self.name}"
+
+    @property
+    def dsn(self) -> str:
+        """The plain libpq URL (no SQLAlchemy driver suffix), for psycopg."""
+        return self.url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+    def _admin(self, sql: str) -> None:
+        dsn = self.admin_url.replace("postgresql+psycopg://", "postgresql://", 1)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(sql)  # type: ignore[arg-type]
+
+    def create(self) -> None:
+        self._admin(f'CREATE DATABASE "{self.name}"')
+
+    def drop(self) -> None:
+        self._admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+    def server_version(self) -> str:
+        with psycopg.connect(self.dsn) as conn:
+            row = conn.execute("SHOW server_version").fetchone()
+        return str(row[0]) if row else ""
+
+
+def redis_server(log_dir: Path) -> tuple[Process, str]:
+    """A private, memory-only redis-server on a free port."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise BenchError("redis-server not found: apt-get install -y redis-server")
+    port = free_port()
+    argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(log_dir)]
+    proc = Process("redis", argv, dict(os.environ), log_dir / "redis.log").start()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return proc, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.05)
+    proc.stop()
+    raise BenchError("redis-server did not start")

@@ -1,0 +1,77 @@
+"""``make bench`` end to end with tiny numbers, so the harness cannot rot.
+
+It checks that every figure is there and that nothing failed; it never checks a
+speed: figures from a shared test machine mean nothing, and ``make test`` must stay
+deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import PG_ADMIN_URL
+from tests.support import ROOT
+
+TINY = {
+    "BENCH_PAYMENTS": "400",
+    "BENCH_SECONDS": "1.5",
+    "BENCH_WARMUP_SECONDS": "0.5",
+    "BENCH_CONNECTIONS": "1,8,32",
+    "BENCH_DRAIN_REFUNDS": "300",
+    "BENCH_E2E_SAMPLES": "5",
+    "BENCH_STRIPE_SECONDS": "1",
+    "BENCH_WORKER_CONCURRENCY": "16",
+}
+
+
+def test_bench_prints_every_figure_and_no_request_fails(tmp_path: Path) -> None:
+    output = tmp_path / "bench.json"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("BENCH_")},
+        **TINY,
+        "BENCH_OUTPUT": str(output),
+        "BENCH_PG_ADMIN_URL": PG_ADMIN_URL,
+    }
+    run = subprocess.run(
+        [sys.executable, "-m", "bench"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=270, check=False,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    printed = json.loads(run.stdout)
+    assert json.loads(output.read_text()) == printed
+
+    assert {"cores", "ram_gb", "cpu_model"} <= printed["machine"].keys()
+    assert printed["seed"]["payments"] == 400
+    for connections in ("1", "8", "32"):
+        phase = printed["initiation"][connections]
+        assert phase["connections"] == int(connections)
+        assert phase["ok"] > 0 and phase["errors"] == 0, phase["statuses"]
+        assert {"p50", "p99"} <= phase["latency_ms"].keys()
+        assert {"requests_per_s", "loadgen_cpu_cores"} <= phase.keys()
+
+    baseline = printed["baseline"]
+    assert baseline["ops"] > 0 and baseline["errors"] == 0
+    assert printed["ratio_initiation_to_baseline"] > 0
+
+    for name in ("drain", "stripe_shaped"):
+        drain = printed[name]
+        assert drain["left_pending"] == 0 and not drain.get("incomplete"), drain
+        assert drain["statuses"].keys() == {"succeeded"}, drain["statuses"]
+        assert drain["duplicate_stripe_refunds"] == 0
+        assert drain["stripe_refunds_created"] == drain["refunds"]
+        assert {"refunds_per_s", "steady_refunds_per_s", "emulator_429s"} <= drain.keys()
+        assert {"start", "end", "max"} <= drain["worker_rss_mb"].keys()
+
+    e2e = printed["end_to_end"]
+    assert e2e["samples"] == 5 and e2e["statuses"] == {"succeeded": 5}
+    assert {"p50", "p99"} <= e2e["created_to_succeeded_ms"].keys()
+
+    hot = printed["hot_spot"]
+    assert hot["ok"] > 0 and hot["errors"] == 0, hot["statuses"]
+
+    assert {"web", "worker", "emulator"} <= printed["peak_rss_mb"].keys()
+    assert printed["targets"] and all(isinstance(v, bool) for v in printed["targets"].values())
