@@ -4,7 +4,7 @@ count from Postgres at scrape time, with queries an index can serve."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -43,13 +43,15 @@ def engine(ops_env: dict[str, str]) -> Iterator[Engine]:
 
 
 @pytest.fixture
-def aged_refunds(engine: Engine) -> Iterator[None]:
-    with engine.begin() as conn:
-        conn.execute(text(INSERT_PAYMENT))
-        for i, (status, created, updated) in enumerate(ROWS):
-            row = {"id": f"rf_gauges_{i}", "status": status, "key": f"gauges-{i}"}
-            conn.execute(text(INSERT_REFUND), {**row, "created": created, "updated": updated})
-    yield
+def add_aged_refunds(engine: Engine) -> Iterator[Callable[[], None]]:
+    def add() -> None:
+        with engine.begin() as conn:
+            conn.execute(text(INSERT_PAYMENT))
+            for i, (status, created, updated) in enumerate(ROWS):
+                row = {"id": f"rf_gauges_{i}", "status": status, "key": f"gauges-{i}"}
+                conn.execute(text(INSERT_REFUND), {**row, "created": created, "updated": updated})
+
+    yield add
     with engine.begin() as conn:
         conn.execute(text("DELETE FROM refunds WHERE payment_id = 'pay_gauges'"))
         conn.execute(text("DELETE FROM payments WHERE id = 'pay_gauges'"))
@@ -62,30 +64,35 @@ def _value(metrics: str, name: str, status: str) -> float:
 
 
 def test_refund_gauges_come_from_the_database_at_scrape_time(
-    ops_env: dict[str, str], aged_refunds: None, log_dir: Path
+    ops_env: dict[str, str], add_aged_refunds: Callable[[], None], log_dir: Path
 ) -> None:
+    """Other tests' refunds share this database: counts are compared before and after
+    adding ours; ours are by far the oldest, so the ages are ours."""
     env = {**ops_env, "STUCK_ALERT_SECONDS": str(HOUR)}
     web, url = web_process(env, log_dir, workers=1)
     with web:
         wait_for_http(f"{url}/healthz", proc=web.proc)
-        metrics = httpx.get(f"{url}/metrics", timeout=15).text
-    assert _value(metrics, "refunds_open", "pending") == 2
-    assert _value(metrics, "refunds_open", "processing") == 1
-    assert _value(metrics, "refunds_open", "requires_action") == 0
-    assert (
-        2 * HOUR <= _value(metrics, "refunds_oldest_open_age_seconds", "pending") < 2 * HOUR + 120
-    )
+        before = httpx.get(f"{url}/metrics", timeout=15).text
+        add_aged_refunds()
+        after = httpx.get(f"{url}/metrics", timeout=15).text
+
+    def added(name: str, status: str) -> float:
+        return _value(after, name, status) - _value(before, name, status)
+
+    assert added("refunds_open", "pending") == 2
+    assert added("refunds_open", "processing") == 1
+    assert added("refunds_open", "requires_action") == 0
+    assert added("refunds_stuck", "pending") == 1
+    assert added("refunds_stuck", "processing") == 0
+    assert added("refunds_updated_last_24h", "succeeded") == 1
+    assert added("refunds_updated_last_24h", "failed") == 0
+    assert added("refunds_updated_last_24h", "pending") == 2
+    assert 2 * HOUR <= _value(after, "refunds_oldest_open_age_seconds", "pending") < 2 * HOUR + 120
     assert (
         24 * HOUR
-        <= _value(metrics, "refunds_oldest_open_age_seconds", "processing")
+        <= _value(after, "refunds_oldest_open_age_seconds", "processing")
         < 24 * HOUR + 180
     )
-    assert _value(metrics, "refunds_oldest_open_age_seconds", "requires_action") == 0
-    assert _value(metrics, "refunds_stuck", "pending") == 1
-    assert _value(metrics, "refunds_stuck", "processing") == 0
-    assert _value(metrics, "refunds_updated_last_24h", "succeeded") == 1
-    assert _value(metrics, "refunds_updated_last_24h", "failed") == 0
-    assert _value(metrics, "refunds_updated_last_24h", "pending") == 2
 
 
 @pytest.mark.parametrize("query", [_STATE_QUERY, _RECENT_QUERY], ids=["open", "recent"])
