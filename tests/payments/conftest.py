@@ -7,6 +7,8 @@ sync``) reach Stripe through STRIPE_API_BASE = the emulator.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,3 +63,8 @@ def stack(service_env: dict[str, str], log_dir: Path) -> Iterator[Stack]:
         wait_for_http(f"{api_url}/healthz", proc=web.proc)
         wait_for_http(f"{emulator_url}/_emulator/health", proc=emulator.proc)
         yield Stack(env=env, api_url=api_url, emulator_url=emulator_url, webhook_secret=secret)
+        emulator.stop()
+        # Everything is committed by now: SIGQUIT is gunicorn's quick shutdown, which
+        # spares the module the graceful timeout.
+        if web.proc is not None and web.proc.poll() is None:
+            os.killpg(web.proc.pid, signal.SIGQUIT)
