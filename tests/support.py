@@ -217,6 +217,24 @@ def seed_payment(
     return payment, charge
 
 
+def seed_emulator_payments(
+    stack: Any, db: Session, count: int, *, amount: int = 5_000,
+    payment_method: str = "pm_card_visa",
+) -> list[str]:
+    """Succeeded payments made at the emulator (``stack.admin``) and stored as payments
+    sync would; their charge ids."""
+    seeded = stack.admin.seed(count, amount=amount, payment_method=payment_method)
+    for pi_id, charge_id in zip(seeded["payment_intents"], seeded["charges"], strict=True):
+        payment = Payment(id=new_id("pay"), stripe_payment_intent_id=pi_id, amount=amount,
+                          currency="usd", status="succeeded")
+        db.add(payment)
+        db.flush()
+        db.add(Charge(id=charge_id, payment_id=payment.id, amount=amount, currency="usd",
+                      status="succeeded"))
+    db.commit()
+    return list(seeded["charges"])
+
+
 def table_counts(session: Session) -> dict[str, int]:
     tables = ("refunds", "refund_events", "idempotency_records", "payments", "charges", "stripe_events")
     return {t: int(session.execute(text(f"SELECT count(*) FROM {t}")).scalar_one()) for t in tables}  # noqa: S608 - fixed names

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from emulator.testing import Admin, EmulatorProcess
 from shared.celery_app import PROCESS_REFUND_TASK, REFUNDS_QUEUE
-from shared.models import Charge, Payment, Refund, RefundEvent, RefundStatus, new_id
+from shared.models import Charge, Refund, RefundEvent, RefundStatus, new_id
 from shared.refunds import stripe_idempotency_key
 from shared.transitions import record_event
 from tests.conftest import RUN_ID, _admin_execute
@@ -42,6 +42,9 @@ from tests.support import (
     worker_process,
 )
 from tests.support import create_database as _create_database
+from tests.support import (  # noqa: F401 - the worker tests import it from here
+    seed_emulator_payments as seed_payments,
+)
 
 #: Settings every process of the stack runs with (production defaults in brackets).
 FAST_SETTINGS = {
@@ -176,23 +179,6 @@ def _clear_caches() -> None:
 
 
 # -- helpers used by the tests -------------------------------------------------------
-
-
-def seed_payments(
-    stack: Stack, db: Session, count: int, *, amount: int = 5_000,
-    payment_method: str = "pm_card_visa",
-) -> list[str]:
-    """Succeeded payments made at the emulator and stored as payments sync would."""
-    seeded = stack.admin.seed(count, amount=amount, payment_method=payment_method)
-    for pi_id, charge_id in zip(seeded["payment_intents"], seeded["charges"], strict=True):
-        payment = Payment(id=new_id("pay"), stripe_payment_intent_id=pi_id, amount=amount,
-                          currency="usd", status="succeeded")
-        db.add(payment)
-        db.flush()
-        db.add(Charge(id=charge_id, payment_id=payment.id, amount=amount, currency="usd",
-                      status="succeeded"))
-    db.commit()
-    return list(seeded["charges"])
 
 
 def initiate(db: Session, charge_id: str, amount: int = 1_000) -> str:
