@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.ops.conftest import PG_ADMIN_URL, RedisServer, _admin_execute
-from tests.support import BIN, ROOT, free_port
+from tests.conftest import PG_ADMIN_URL, _admin_execute
+from tests.support import BIN, ROOT, RedisServer, free_port
 
 DEVSTACK = [str(BIN / "python"), "-m", "shared.devstack"]
 
