@@ -242,7 +242,7 @@ def jwks_api(service_env: dict[str, str], log_dir: Path, jwks_url: str) -> Itera
     """A gunicorn that trusts only the JWKS keys (no JWT_SECRET) and checks aud and iss."""
     env = {k: v for k, v in service_env.items() if k != "JWT_SECRET"}
     env |= {"JWT_JWKS_URL": jwks_url, "JWT_AUDIENCE": AUDIENCE, "JWT_ISSUER": ISSUER}
-    web, url = web_process(env, log_dir, workers=2)
+    web, url = web_process(env, log_dir, workers=1)
     with web:
         wait_for_http(f"{url}/healthz", proc=web.proc)
         yield url
