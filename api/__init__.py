@@ -17,13 +17,16 @@ def create_app() -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    # No implicit OPTIONS answers: an unsupported method gets the JSON 405 like any other.
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     # Werkzeug would answer '//' in a path with an HTML 308 redirect; every answer is JSON.
     app.url_map.merge_slashes = False
 
     @app.before_request
     def _request_id() -> None:
         incoming = request.headers.get("X-Request-Id", "")
-        valid = 0 < len(incoming) <= REQUEST_ID_MAX and incoming.isascii() and incoming.isprintable()
+        valid = 0 < len(incoming) <= REQUEST_ID_MAX and incoming.isascii()
+        valid = valid and incoming.isprintable()
         g.request_id = incoming if valid else uuid.uuid4().hex
 
     @app.after_request
