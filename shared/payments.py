@@ -28,7 +28,14 @@ from sqlalchemy.orm import Session
 
 from shared.db import unit_of_work
 from shared.models import Charge, Payment, new_id
-from shared.stripe_gateway import StripeGateway, get_gateway
+from shared.refund_updates import apply_stripe_refund
+from shared.stripe_gateway import (
+    GATEWAY_ERRORS,
+    ErrorKind,
+    StripeGateway,
+    classify_error,
+    get_gateway,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +60,8 @@ FINAL_STATUSES = tuple(s for s, rank in STATUS_RANK.items() if rank == FINAL_RAN
 #: small enough that a batch holds its row locks only briefly next to live webhooks.
 SYNC_BATCH = 500
 DEADLOCK_RETRIES = 3
+#: Transient listing errors in a row before a sync gives up (it can simply be run again).
+LIST_RETRIES = 5
 
 T = TypeVar("T")
 StripeObject = Mapping[str, Any]
@@ -345,23 +354,24 @@ def refund_charge_id(refund: StripeObject) -> str | None:
 
 def apply_refunds(
     session: Session, refunds: Iterable[Any], *, gateway: StripeGateway, actor: str
-) -> int:
+) -> dict[str, int]:
     """Record Stripe refunds (each as read from Stripe) against their payments.
 
     The refund rules (matching our own refunds, recording ones made elsewhere,
     forward-only status) belong to ``shared.refund_updates``; this only makes sure the
-    charge and payment each refund belongs to are stored first."""
-    from shared.refund_updates import apply_stripe_refund
-
+    charge and payment each refund belongs to are stored first. Counts the refunds
+    that still found no payment (Stripe lost track of it: logged by the callee)."""
     refunds = list(refunds)
     ensure_charges(
         session,
         (cid for cid in (refund_charge_id(as_dict(r)) for r in refunds) if cid),
         gateway=gateway,
     )
+    unmatched = 0
     for refund in refunds:
-        apply_stripe_refund(session, refund, actor=actor)
-    return len(refunds)
+        if apply_stripe_refund(session, refund, actor=actor) is None:
+            unmatched += 1
+    return {"unmatched": unmatched}
 
 
 # Sync ------------------------------------------------------------------------------
@@ -414,13 +424,16 @@ def _read_ahead(batches: Iterator[T], depth: int = 2) -> Iterator[T]:
         reader.join(timeout=5)
 
 
-def _in_transaction(work: Callable[[Session], dict[str, int] | int]) -> dict[str, int] | int:
-    """Run one batch in its own transaction, again if Postgres chose it as a deadlock
+Write = Callable[[Session, list[dict[str, Any]]], dict[str, int]]
+
+
+def _in_transaction(write: Write, batch: list[dict[str, Any]]) -> dict[str, int]:
+    """Write one batch in its own transaction, again if Postgres chose it as a deadlock
     victim (a live webhook can lock the same rows in another order)."""
     for attempt in range(DEADLOCK_RETRIES):
         try:
             with unit_of_work() as session:
-                result = work(session)
+                result = write(session, batch)
                 session.commit()
                 return result
         except OperationalError as exc:
@@ -430,9 +443,29 @@ def _in_transaction(work: Callable[[Session], dict[str, int] | int]) -> dict[str
     raise AssertionError("unreachable")
 
 
-def _add(total: dict[str, int], part: dict[str, int]) -> None:
-    for key, value in part.items():
-        total[key] = total.get(key, 0) + value
+def _resumable(
+    list_after: Callable[[str | None], Iterator[dict[str, Any]]],
+) -> Iterator[dict[str, Any]]:
+    """Items of a Stripe list; after a transient error (429, our rate limiter, 5xx, a
+    dropped connection) the listing goes on after the last item read instead of
+    failing the whole sync."""
+    last: str | None = None
+    failures = 0
+    while True:
+        try:
+            for item in list_after(last):
+                yield item
+                last = str(item["id"])
+                failures = 0
+            return
+        except GATEWAY_ERRORS as exc:
+            failure = classify_error(exc)
+            failures += 1
+            if failure.kind is not ErrorKind.TRANSIENT or failures > LIST_RETRIES:
+                raise
+            pause = failure.retry_after or min(2.0**failures, 30.0)
+            log.warning("listing from Stripe failed (%s), going on in %.1fs", failure.code, pause)
+            time.sleep(pause)
 
 
 def sync_from_stripe(
@@ -443,31 +476,36 @@ def sync_from_stripe(
     Safe to run again and alongside webhooks: every write is an idempotent,
     forward-only upsert, one transaction per batch. PaymentIntents go first so the
     charges find their payments; refunds last, so a refund made in Stripe's dashboard
-    counts against what is left."""
-    gateway = gateway or get_gateway()
+    counts against what is left. Returns counts and seconds per kind of object."""
+    gw = gateway or get_gateway()
     started = time.monotonic()
+    phases: list[tuple[str, Callable[[], Iterator[Any]], Write]] = [
+        (
+            "payment_intents",
+            lambda: _resumable(lambda after: gw.iter_payment_intents(starting_after=after)),
+            lambda s, batch: upsert_payments(s, batch, authoritative=True),
+        ),
+        (
+            "charges",
+            lambda: _resumable(lambda after: gw.iter_charges(starting_after=after)),
+            lambda s, batch: upsert_charges(s, batch, gateway=gw),
+        ),
+        (
+            "refunds",
+            gw.iter_refunds,
+            lambda s, batch: apply_refunds(s, batch, gateway=gw, actor="stripe"),
+        ),
+    ]
     result: dict[str, Any] = {}
-
-    counts = {"seen": 0, "inserted": 0, "updated": 0}
-    for intents in _read_ahead(_batches(gateway.iter_payment_intents(), batch_size)):
-        part = _in_transaction(lambda s, i=intents: upsert_payments(s, i, authoritative=True))
-        _add(counts, {"seen": len(intents), **part})  # type: ignore[dict-item]
-    result["payment_intents"] = counts
-
-    counts = {"seen": 0, "inserted": 0, "updated": 0}
-    for charges in _read_ahead(_batches(gateway.iter_charges(), batch_size)):
-        part = _in_transaction(lambda s, c=charges: upsert_charges(s, c, gateway=gateway))
-        _add(counts, {"seen": len(charges), **part})  # type: ignore[dict-item]
-    result["charges"] = counts
-
-    seen = 0
-    for batch in _read_ahead(_batches(gateway.iter_refunds(), batch_size)):
-        seen += int(
-            _in_transaction(  # type: ignore[arg-type]
-                lambda s, r=batch: apply_refunds(s, r, gateway=gateway, actor="stripe")
-            )
-        )
-    result["refunds"] = {"seen": seen}
+    for name, list_all, write in phases:
+        phase_started = time.monotonic()
+        counts: dict[str, Any] = {"seen": 0}
+        for batch in _read_ahead(_batches(list_all(), batch_size)):
+            counts["seen"] += len(batch)
+            for key, value in _in_transaction(write, batch).items():
+                counts[key] = counts.get(key, 0) + value
+        counts["seconds"] = round(time.monotonic() - phase_started, 3)
+        result[name] = counts
     result["seconds"] = round(time.monotonic() - started, 3)
     log.info("payments sync done", extra={"sync": result})
     return result
