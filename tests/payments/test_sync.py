@@ -121,3 +121,17 @@ def test_sync_run_again_changes_nothing(stack: Stack, stripe_account: dict, db: 
         "refunds": {"seen": 1, "unmatched": 0},
     }
     assert table_counts(db) == before
+
+
+def test_sync_goes_on_where_it_was_when_stripe_rate_limits_it(
+    stack: Stack, stripe_account: dict
+) -> None:
+    stack.admin("DELETE", "/stats")
+    stack.admin("POST", "/faults", {"rate_limit_rps": 4})
+    try:
+        result = finish(run_sync(stack))
+    finally:
+        stack.admin("DELETE", "/faults")
+    assert stack.admin("GET", "/stats")["responses"].get("429", 0) > 0
+    assert result["payment_intents"]["seen"] == SEEDED + 1
+    assert result["charges"]["seen"] == SEEDED + 2
