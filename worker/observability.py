@@ -17,7 +17,6 @@ added to ``refunds_reconcile_actions_total``.
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from collections.abc import Mapping
@@ -29,8 +28,6 @@ from shared import logging as service_logging
 from shared import metrics
 from shared.celery_app import PROCESS_REFUND_TASK, RECONCILE_TASK
 from shared.config import get_settings
-
-log = logging.getLogger(__name__)
 
 _started: dict[str, float] = {}
 _tokens: dict[str, Any] = {}

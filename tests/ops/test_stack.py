@@ -240,6 +240,7 @@ def test_metrics_show_the_refund_from_web_and_worker(stack: Stack) -> None:
         )
         >= 1
     )
+    assert _sample(text, "refunds_tasks_published_total", task="refunds.process") >= 1
     assert _sample(text, "refunds_db_metrics_up") == 1
     assert _sample(text, "refunds_updated_last_24h", status="succeeded") >= 1
     assert _sample(text, "refunds_open", status="pending") == 0
