@@ -80,6 +80,7 @@ def _environment() -> dict[str, str]:
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["EMULATOR"] = "0" if env.get("STRIPE_API_BASE") else "1"
     env.setdefault("STRIPE_API_BASE", f"http://127.0.0.1:{env['EMULATOR_PORT']}")
+    env.setdefault("FLOWER_URL", f"http://127.0.0.1:{env['FLOWER_PORT']}")  # console links
     return env
 
 
