@@ -17,7 +17,12 @@ def get_engine() -> Engine:
     settings = get_settings()
     return create_engine(
         settings.sqlalchemy_url,
-        pool_size=5,
+        # Room to keep one connection per thread (gunicorn's WEB_THREADS, the worker's
+        # WORKER_CONCURRENCY up to its maximum of 64). Connections open lazily, so a
+        # process keeps only as many as its threads use at once; with fewer kept than
+        # that, every busy moment closed and reopened connections (a new Postgres
+        # backend each time) and worker threads queued behind 15 connections.
+        pool_size=64,
         max_overflow=10,
         pool_pre_ping=True,
         # A statement that waits this long on a lock is a bug or an outage, not load.
