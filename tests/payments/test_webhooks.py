@@ -4,6 +4,7 @@ and by events crafted and signed here with the service's webhook secret."""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from sqlalchemy.orm import Session
 from shared.config import Settings
 from shared.models import Charge, Payment, Refund, StripeEvent
 from tests.payments.conftest import Stack
-from tests.support import auth, table_counts
+from tests.support import BIN, ROOT, auth, table_counts
 
 T = TypeVar("T")
 
@@ -318,3 +319,31 @@ def test_body_larger_than_the_limit_is_413(stack: Stack, settings: Settings) -> 
     assert response.status_code == 413
     assert response.json()["error"] == "request_too_large"
 
+
+
+def test_sync_running_alongside_live_webhooks_stores_each_payment_once(
+    stack: Stack, db: Session
+) -> None:
+    client = stack.stripe()
+    sync = subprocess.Popen(
+        [str(BIN / "refunds"), "payments", "sync"], env=stack.env, cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    made = [
+        client.v1.payment_intents.create(
+            {"amount": 1000 + i, "currency": "usd", "payment_method": "pm_card_visa",
+             "confirm": True}
+        )
+        for i in range(15)
+    ]
+    _, err = sync.communicate(timeout=60)
+    assert sync.returncode == 0, err
+    settle(stack)
+    rows = db.execute(
+        select(Payment.stripe_payment_intent_id, Payment.status, Payment.amount, Charge.id)
+        .join(Charge, Charge.payment_id == Payment.id)
+        .where(Payment.stripe_payment_intent_id.in_([pi.id for pi in made]))
+    ).all()
+    assert sorted(tuple(r) for r in rows) == sorted(
+        (pi.id, "succeeded", pi.amount, pi.latest_charge) for pi in made
+    )
