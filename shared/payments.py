@@ -5,7 +5,8 @@ upserts here, so the rules live in one place:
 
 - upserts are ``INSERT ... ON CONFLICT``, safe to repeat and to run concurrently;
 - a status only moves forward (``STATUS_RANK``): a late ``processing`` never
-  overwrites ``succeeded``, and a final status is never left;
+  overwrites ``succeeded``, and a final status is never left; when only Stripe can
+  say which of two statuses is newer, Stripe is asked;
 - ``payments.amount`` is what was captured once a payment has succeeded, because
   what is left to refund is computed from it.
 """
@@ -39,9 +40,9 @@ from shared.stripe_gateway import (
 
 log = logging.getLogger(__name__)
 
-#: How far along a payment or charge is. A status may only be replaced by one of the
-#: same or a higher rank; rank ``FINAL_RANK`` is final. PaymentIntent statuses, plus Charge
-#: statuses for payments made with the Charges API alone (no PaymentIntent).
+#: How far along a payment or charge is: PaymentIntent statuses, plus Charge statuses
+#: for payments made with the Charges API alone (no PaymentIntent). An event's snapshot
+#: only replaces a status of lower rank; a status of rank ``FINAL_RANK`` is never left.
 STATUS_RANK: dict[str, int] = {
     "requires_payment_method": 1,
     "requires_confirmation": 1,
@@ -54,7 +55,6 @@ STATUS_RANK: dict[str, int] = {
     "failed": 4,
 }
 FINAL_RANK = 4
-FINAL_STATUSES = tuple(s for s, rank in STATUS_RANK.items() if rank == FINAL_RANK)
 
 #: Rows per INSERT and per transaction in a sync: big enough to amortise round trips,
 #: small enough that a batch holds its row locks only briefly next to live webhooks.

@@ -313,6 +313,35 @@ def test_refund_event_while_stripe_is_down_is_refused_then_applied_on_redelivery
         stack.admin("POST", "/config", {"webhook_url": f"{stack.api_url}/v1/webhooks/stripe"})
 
 
+def test_events_about_payments_never_seen_bring_the_payment_in_from_stripe(
+    stack: Stack, db: Session
+) -> None:
+    client = stack.stripe()
+    stack.admin("POST", "/config", {"webhook_url": None})  # only the events delivered below
+    try:
+        refunded = client.v1.payment_intents.create(
+            {"amount": 2600, "currency": "usd", "payment_method": "pm_card_visa", "confirm": True}
+        )
+        refund = client.v1.refunds.create({"charge": refunded.latest_charge, "amount": 600})
+        disputed = client.v1.payment_intents.create(
+            {"amount": 1900, "currency": "usd", "payment_method": "pm_card_createDispute",
+             "confirm": True}
+        )
+        dispute = client.v1.disputes.list({"charge": disputed.latest_charge}).data[0]
+        for body in (
+            event("refund.created", {"id": refund.id, "object": "refund"}),
+            event("charge.dispute.created", dispute.to_dict()),
+        ):
+            assert deliver(stack, body).json() == {"received": True, "outcome": "processed"}
+    finally:
+        stack.admin("POST", "/config", {"webhook_url": f"{stack.api_url}/v1/webhooks/stripe"})
+    assert payment_state(db, refunded.id) == ("succeeded", 2600)
+    assert charge_state(db, str(refunded.latest_charge)) == ("succeeded", 2600, False)
+    assert refunds_of(db, str(refunded.latest_charge)) == [(refund.id, "stripe", 600, "succeeded")]
+    assert payment_state(db, disputed.id) == ("succeeded", 1900)
+    assert charge_state(db, str(disputed.latest_charge)) == ("succeeded", 1900, True)
+
+
 def test_body_larger_than_the_limit_is_413(stack: Stack, settings: Settings) -> None:
     payload = b'{"pad": "' + b"x" * (settings.max_request_bytes + 1) + b'"}'
     response = deliver(stack, payload, signature="t=1,v1=00")
