@@ -8,12 +8,18 @@ explicitly. This file does three things a flag cannot:
 - prometheus_client multiprocess mode: every worker writes its metrics to
   ``PROMETHEUS_MULTIPROC_DIR`` (a fresh temporary directory unless set), and
   ``/metrics`` answers with the sum of all of them.
+- requests gunicorn refuses itself (a malformed request, a URL or headers over its
+  limits) are answered as JSON errors like every other (SPEC 3), not as HTML pages.
 """
 
+import json
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
+
+from gunicorn import util
 
 from shared.config import load_settings
 from shared.logging import dict_config
@@ -37,6 +43,33 @@ _owned_metrics_dir = None
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     _owned_metrics_dir = tempfile.mkdtemp(prefix="refunds-web-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = _owned_metrics_dir
+
+
+# Answers gunicorn writes before the app sees the request. The message never repeats
+# what was sent (gunicorn's own page quotes the request line).
+EDGE_ERRORS = {
+    400: ("bad_request", "The request is not valid HTTP."),
+    403: ("forbidden", "The request is not allowed."),
+    414: ("uri_too_long", "The request URL is too long."),
+    417: ("expectation_failed", "The Expect header cannot be met."),
+    431: ("headers_too_large", "The request headers are too large or too many."),
+    501: ("not_implemented", "The request's transfer coding is not supported."),
+}
+
+
+def write_json_error(sock, status_int, reason, mesg):
+    code, message = EDGE_ERRORS.get(status_int, ("internal_error", "Something went wrong."))
+    body = json.dumps({"error": code, "message": message}).encode()
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        f"X-Request-Id: {uuid.uuid4().hex}\r\n\r\n"
+    )
+    util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+# Workers call util.write_error at request time, so this reaches every forked worker.
+util.write_error = write_json_error
 
 
 def on_starting(server):

@@ -365,6 +365,12 @@ def _paths(settings: Settings) -> dict[str, Any]:
 
 def build_document(settings: Settings) -> dict[str, Any]:
     write, read = settings.refunds_write_scope, settings.refunds_read_scope
+    paths = _paths(settings)
+    for item in paths.values():
+        for operation in item.values():
+            # Refused by the HTTP server before the app sees the request (gunicorn.conf.py).
+            operation["responses"]["414"] = _ref("responses", "UriTooLong")
+            operation["responses"]["431"] = _ref("responses", "HeadersTooLarge")
     return {
         "openapi": "3.1.0",
         "info": {
@@ -373,7 +379,7 @@ def build_document(settings: Settings) -> dict[str, Any]:
             "description": "Refunds of card payments taken through Stripe. Every response "
                            'body is JSON; every error is `{"error", "message"}`.',
         },
-        "paths": _paths(settings),
+        "paths": paths,
         "components": {
             "securitySchemes": {
                 "bearerAuth": {
@@ -414,6 +420,9 @@ def build_document(settings: Settings) -> dict[str, Any]:
                     **{"WWW-Authenticate": _ref("headers", "WWW-Authenticate")},
                 ),
                 "TooLarge": _error("The body is too large. `error`: `request_too_large`."),
+                "UriTooLong": _error("The URL is too long. `error`: `uri_too_long`."),
+                "HeadersTooLarge": _error("The headers are too large or too many. `error`: "
+                                          "`headers_too_large`."),
                 "InternalError": _error("Unexpected failure; the message quotes the request id."
                                         " `error`: `internal_error`."),
             },
