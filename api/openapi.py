@@ -111,7 +111,8 @@ def _schemas() -> dict[str, Any]:
                 },
                 "amount_cents": {"type": "integer", "exclusiveMinimum": 0,
                                  "maximum": MAX_SAFE_INTEGER,
-                                 "description": "In the currency's smallest unit."},
+                                 "description": "In the currency's smallest unit, written "
+                                                "as an integer: `500`, not `500.0`."},
                 "full": {"type": "boolean",
                          "description": "`true` refunds everything still left on the payment."},
                 "reason": {
