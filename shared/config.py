@@ -99,8 +99,10 @@ def load_settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         err = exc.errors()[0]
-        name = ".".join(str(p) for p in err["loc"]).upper() or "configuration"
-        sys.exit(f"configuration error: {name}: {err['msg']}")
+        message = err["msg"].removeprefix("Value error, ")
+        name = ".".join(str(p) for p in err["loc"]).upper()
+        # Cross-field checks have no single location; their message names the setting.
+        sys.exit(f"configuration error: {name}: {message}" if name else f"configuration error: {message}")
 
 
 @functools.cache
