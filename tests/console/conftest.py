@@ -19,10 +19,12 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from emulator.testing import Admin, EmulatorProcess
+from shared.celery_app import REFUNDS_QUEUE
 from shared.config import Settings
 from shared.models import Charge, Payment, RefundEvent, new_id
 from tests.support import free_port, token, wait_for_http, web_process, worker_process
@@ -119,6 +121,9 @@ def stack(service_env: dict[str, str], settings: Settings, log_dir: Path) -> Ite
         failing_refund_delay=1.0,
     ) as emulator:
         env = {**service_env, **STACK_SETTINGS, "STRIPE_API_BASE": emulator.url}
+        # Start from an empty queue: tasks earlier modules' API calls left in this run's
+        # Redis would be worked here, against an emulator that never saw their charges.
+        redis.Redis.from_url(service_env["REDIS_URL"]).delete(REFUNDS_QUEUE)
         web, _ = web_process(env, log_dir, workers=2, port=port)
         worker = worker_process(env, log_dir, name="console-worker", concurrency=2)
         with web, worker:

@@ -260,7 +260,8 @@ def test_forms_refuse_a_missing_or_wrong_csrf_token(
     answer = context.request.post(target, form={"csrf_token": csrf_of(page.content())},
                                   max_redirects=0)
     assert answer.status == 303  # the same request with the session's token goes through
-    assert [e.detail for e in events_of(db, refund_id)][-1]["action"] == "reconcile_now"
+    assert any(e.detail == {"action": "reconcile_now", "task": "refunds.process"}
+               for e in events_of(db, refund_id))
 
     fresh = context.browser.new_context()
     try:
@@ -345,9 +346,8 @@ def test_reconcile_now_on_a_refund_stripe_holds_polls_stripe_for_it(
         with page.expect_navigation():
             page.click("#reconcile-now")
         assert "asked for a reconcile pass (refunds.reconcile)" in page.inner_text(".flash.ok")
-        asked = events_of(db, refund_id)[-1]
-        assert (asked.from_status, asked.to_status, asked.actor) == (
-            "processing", "processing", OPERATOR)
+        (asked,) = [e for e in events_of(db, refund_id) if e.actor == OPERATOR]
+        assert (asked.from_status, asked.to_status) == ("processing", "processing")
         assert asked.detail == {"action": "reconcile_now", "task": "refunds.reconcile"}
         wait_until(lambda: status_of(db, refund_id) == "succeeded", timeout=15,
                    what="the reconcile pass to poll Stripe and move the refund on")
