@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,13 @@ from tests.support import free_port, token, wait_for_http, web_process, worker_p
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-DOCS = Path(__file__).resolve().parents[2] / "docs"
+# Screenshots go to a scratch folder; CONSOLE_SCREENSHOTS=docs refreshes the README's copies.
+_SHOTS = os.environ.get("CONSOLE_SCREENSHOTS")
+DOCS = (
+    Path(__file__).resolve().parents[2] / _SHOTS
+    if _SHOTS
+    else Path(tempfile.gettempdir()) / f"refunds-console-shots-{os.getpid()}"
+)
 FLOWER_URL = "http://flower.internal.example:5555"
 OPERATOR = "oncall@example.com"
 
