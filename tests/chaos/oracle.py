@@ -20,6 +20,7 @@ admin API, which the service cannot touch):
 from __future__ import annotations
 
 import itertools
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,6 +78,29 @@ class Verdict:
     @property
     def ok(self) -> bool:
         return not any(self.violations.values())
+
+
+def settle(engine: Engine, admin: Admin, *, timeout: float) -> bool:
+    """Wait until every refund is terminal, Stripe has delivered its webhooks, and each
+    Stripe refund's status agrees with ours (a refund can fail at Stripe after it
+    succeeded: that arrives later). False if that did not happen within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with Session(engine) as session:
+            ours = {row.id: row.status for row in session.execute(
+                select(Refund.id, Refund.status))}
+        theirs = {(sr.get("metadata") or {}).get("refund_id"): sr.get("status")
+                  for sr in admin.refunds()}
+        if (
+            all(status in TERMINAL_STATUSES for status in ours.values())
+            and admin.webhook_deliveries()["pending"] == 0
+            and all(theirs.get(refund_id) in AGREEING[status]
+                    for refund_id, status in ours.items())
+        ):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.25)
 
 
 def verify(engine: Engine, admin: Admin, ledger: Ledger) -> Verdict:

@@ -41,11 +41,11 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from sqlalchemy import Engine, create_engine, func, select
+from sqlalchemy import Engine, create_engine, select
 from sqlalchemy.orm import Session
 
 from shared.models import TERMINAL_STATUSES, Charge, Payment, Refund, new_id
-from tests.chaos.oracle import Verdict, verify
+from tests.chaos.oracle import Verdict, settle, verify
 from tests.chaos.stack import Pipeline, PostgresCluster, running_pipeline
 from tests.chaos.traffic import Ledger, RefundClient
 from tests.support import RedisServer
@@ -237,7 +237,7 @@ def run(
             out("chaos: traffic stopped; faults cleared; draining")
             dead = _restore(pipeline, scenario)
             _answer_the_unanswered(pipeline, env, ledger)
-            _drain(engine, scenario.drain_timeout)
+            settle(engine, pipeline.admin, timeout=scenario.drain_timeout)
             verdict = verify(engine, pipeline.admin, ledger)
             _mark_recovered(engine, injector.injected)
             report = Report(scenario=scenario, verdict=verdict, ledger=ledger,
@@ -402,16 +402,6 @@ def _answer_the_unanswered(pipeline: Pipeline, env: dict[str, str], ledger: Ledg
             client.create(answer.body, answer.key)
         finally:
             client.close()
-
-
-def _drain(engine: Engine, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with Session(engine) as db:
-            left = db.scalar(select(func.count()).where(Refund.status.not_in(TERMINAL_STATUSES)))
-        if not left:
-            return
-        time.sleep(0.5)
 
 
 def _mark_recovered(engine: Engine, injected: list[Injected]) -> None:
