@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, literal_column, or_, select, tuple_
+from sqlalchemy import and_, func, literal_column, or_, select
 from sqlalchemy.orm import Session
 
 from shared.celery_app import (
@@ -32,7 +32,7 @@ from shared.models import (
     RefundEvent,
     RefundStatus,
 )
-from shared.refunds import decode_cursor, encode_cursor
+from shared.refunds import page_of_refunds
 from shared.transitions import record_event
 
 S = RefundStatus
@@ -280,31 +280,12 @@ def list_refunds(
     payment_id: str | None = None,
     initiated_by: str | None = None,
 ) -> RefundPage:
-    """Newest first, paged by the API's opaque cursor over (created_at, id).
-
-    Raises ``shared.refunds.InvalidCursor`` for a cursor this service did not make.
-    """
-    query = select(Refund)
-    if status is not None:
-        query = query.where(Refund.status == status)
-    if charge_id is not None:
-        query = query.where(Refund.charge_id == charge_id)
-    if payment_id is not None:
-        query = query.where(Refund.payment_id == payment_id)
-    if initiated_by is not None:
-        query = query.where(Refund.initiated_by == initiated_by)
-    if cursor is not None:
-        created, last_id = decode_cursor(cursor)
-        query = query.where(tuple_(Refund.created_at, Refund.id) < tuple_(created, last_id))
-    rows = list(
-        session.scalars(query.order_by(Refund.created_at.desc(), Refund.id.desc()).limit(limit + 1))
+    """Newest first, as the API pages them; raises ``shared.refunds.InvalidCursor``."""
+    page, next_cursor = page_of_refunds(
+        session=session, limit=limit, cursor=cursor, status=status, charge_id=charge_id,
+        payment_id=payment_id, initiated_by=initiated_by,
     )
-    page = rows[:limit]
-    return RefundPage(
-        now=db_now(session),
-        refunds=page,
-        next_cursor=encode_cursor(page[-1]) if len(rows) > limit else None,
-    )
+    return RefundPage(now=db_now(session), refunds=page, next_cursor=next_cursor)
 
 
 def refund_detail(
