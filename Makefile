@@ -23,6 +23,17 @@ run: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# The proofs of README.md's Guarantees, at length: 1000 fuzzed examples per operation
+# and mode, 60 rounds of racing refunds (make test runs 25 and 10).
+test-long: install
+	FUZZ_EXAMPLES=1000 OVER_REFUND_ROUNDS=60 $(BIN)/python -m pytest -q -s tests/fuzz tests/chaos/test_over_refund.py
+
+# Four minutes of refunds while workers are SIGKILLed, Redis and Postgres restart and
+# Stripe fails; exits 1 on any violation (tests/chaos/runner.py). Vary it with
+# CHAOS_ARGS="--duration 600 --rate 10 --seed 7 --logs ./chaos-logs".
+chaos: install
+	$(BIN)/python -m tests.chaos.runner $(CHAOS_ARGS)
+
 # Figures against a raw baseline measured in the same run (bench/README.md); a few
 # minutes. Knobs: BENCH_PAYMENTS, BENCH_SECONDS, BENCH_CONNECTIONS, ... (bench/run.py).
 bench: install

@@ -8,7 +8,8 @@ Afterwards, for every payment, the refunds that are not failed or canceled add u
 most what was captured, and the emulator's refunds are the service's succeeded refunds
 one for one, by ``metadata.refund_id`` and amount (see ``tests.chaos.oracle``).
 
-The seed is random per run and printed with any failure; OVER_REFUND_SEED=n replays one.
+The seed is random per run and printed with any failure; OVER_REFUND_SEED=n replays one,
+OVER_REFUND_ROUNDS=n (default 10) makes the run longer.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from tests.support import RedisServer, seed_emulator_payments, token
 SEED = int(os.environ.get("OVER_REFUND_SEED", random.randrange(2**32)))
 SUBS = ("support-a@example.com", "support-b@example.com", "script@example.com")
 THREADS_PER_SUB = 8
-ROUNDS = 10
+ROUNDS = int(os.environ.get("OVER_REFUND_ROUNDS", "10"))
 #: (test card, how many payments) - pendingRefund: Stripe holds the refund ``pending``
 #: a while; refundFail: it succeeds, then fails and gives the amount back.
 CARDS = (("pm_card_visa", 6), ("pm_card_pendingRefund", 2), ("pm_card_refundFail", 2))
