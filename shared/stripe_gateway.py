@@ -159,6 +159,9 @@ class StripeGateway:
     def iter_charges(self, *, starting_after: str | None = None) -> Iterator[dict[str, Any]]:
         return self._plain_pages("/v1/charges", starting_after)
 
+    def iter_all_refunds(self, *, starting_after: str | None = None) -> Iterator[dict[str, Any]]:
+        return self._plain_pages("/v1/refunds", starting_after)
+
     def _plain_pages(self, path: str, starting_after: str | None) -> Iterator[dict[str, Any]]:
         """Every item of a list (after ``starting_after``) as a plain dict, for bulk reads.
 
