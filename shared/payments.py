@@ -492,7 +492,7 @@ def sync_from_stripe(
         ),
         (
             "refunds",
-            gw.iter_refunds,
+            lambda: _resumable(lambda after: gw.iter_all_refunds(starting_after=after)),
             lambda s, batch: apply_refunds(s, batch, gateway=gw, actor="stripe"),
         ),
     ]

@@ -23,8 +23,8 @@ SEEDED = 250  # more than two pages of 100
 def stripe_account(stack: Stack) -> dict[str, object]:
     """What Stripe holds before any sync: seeded payments, a declined one, a charge made
     without a PaymentIntent, and a refund made in Stripe's dashboard."""
-    stack.admin("POST", "/config", {"webhook_url": None})
-    seeded = stack.admin("POST", "/seed", {"count": SEEDED, "amount": 1500})
+    stack.admin.config(webhook_url=None)
+    seeded = stack.admin.seed(SEEDED, amount=1500)
     client = stack.stripe()
     with pytest.raises(stripe.CardError) as declined:
         client.v1.payment_intents.create(
@@ -33,7 +33,7 @@ def stripe_account(stack: Stack) -> dict[str, object]:
         )
     legacy = client.v1.charges.create({"amount": 700, "currency": "usd", "source": "tok_visa"})
     dashboard_refund = client.v1.refunds.create({"charge": seeded["charges"][0], "amount": 400})
-    stack.admin("DELETE", "/stats")
+    stack.admin.reset_stats()
     return {
         "payment_intents": seeded["payment_intents"],
         "charges": seeded["charges"],
@@ -67,7 +67,7 @@ def test_sync_backfills_every_page_and_two_concurrent_runs_store_each_object_onc
     assert sum(r["payment_intents"]["inserted"] for r in results) == total_pis
     assert sum(r["charges"]["inserted"] for r in results) == total_charges
     assert all(r["payment_intents"]["seen"] == total_pis for r in results)
-    requests = stack.admin("GET", "/stats")["requests"]
+    requests = stack.admin.stats()["requests"]
     # Two runs, each paging through three pages of PaymentIntents and of charges.
     assert requests["GET /v1/payment_intents"] == 2 * 3
     assert requests["GET /v1/charges"] == 2 * 3
@@ -126,12 +126,13 @@ def test_sync_run_again_changes_nothing(stack: Stack, stripe_account: dict, db: 
 def test_sync_goes_on_where_it_was_when_stripe_rate_limits_it(
     stack: Stack, stripe_account: dict
 ) -> None:
-    stack.admin("DELETE", "/stats")
-    stack.admin("POST", "/faults", {"rate_limit_rps": 4})
+    stack.admin.reset_stats()
+    # One request a second, no burst: the page right after another is always refused.
+    stack.admin.faults(rate_limit_rps=1)
     try:
         result = finish(run_sync(stack))
     finally:
-        stack.admin("DELETE", "/faults")
-    assert stack.admin("GET", "/stats")["responses"].get("429", 0) > 0
+        stack.admin.clear_faults()
+    assert stack.admin.stats()["responses"].get("429", 0) > 0
     assert result["payment_intents"]["seen"] == SEEDED + 1
     assert result["charges"]["seen"] == SEEDED + 2

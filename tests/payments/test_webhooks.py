@@ -37,7 +37,7 @@ def wait_for(probe: Callable[[], T], *, timeout: float = 15.0, what: str = "cond
 
 def settle(stack: Stack) -> None:
     """Wait until the emulator has delivered every webhook it has queued."""
-    wait_for(lambda: stack.admin("GET", "/webhooks")["pending"] == 0, what="webhooks delivered")
+    wait_for(lambda: stack.admin.webhook_deliveries()["pending"] == 0, what="webhooks delivered")
 
 
 def payment_state(db: Session, pi_id: str) -> tuple[str, int] | None:
@@ -295,12 +295,11 @@ def test_refund_event_while_stripe_is_down_is_refused_then_applied_on_redelivery
     stack: Stack, db: Session
 ) -> None:
     _, charge_id = paid(stack, db, amount=1200)
-    stack.admin("POST", "/config", {"webhook_url": None})  # only our own delivery below
+    stack.admin.config(webhook_url=None)  # only our own delivery below
     try:
         refund = stack.stripe().v1.refunds.create({"charge": charge_id, "amount": 200})
         body = event("refund.created", {"id": refund.id, "object": "refund"})
-        stack.admin("POST", "/faults", {"fail_next": {"count": 1, "status": 503,
-                                                      "path_prefix": "/v1/refunds"}})
+        stack.admin.faults(fail_next={"count": 1, "status": 503, "path_prefix": "/v1/refunds"})
         down = deliver(stack, body)
         assert down.status_code == 503 and down.json()["error"] == "stripe_unavailable"
         assert db.get(StripeEvent, body["id"]) is None
@@ -309,15 +308,15 @@ def test_refund_event_while_stripe_is_down_is_refused_then_applied_on_redelivery
         assert deliver(stack, body).json() == {"received": True, "outcome": "processed"}
         assert refunds_of(db, charge_id) == [(refund.id, "stripe", 200, "succeeded")]
     finally:
-        stack.admin("DELETE", "/faults")
-        stack.admin("POST", "/config", {"webhook_url": f"{stack.api_url}/v1/webhooks/stripe"})
+        stack.admin.clear_faults()
+        stack.admin.config(webhook_url=stack.webhook_url)
 
 
 def test_events_about_payments_never_seen_bring_the_payment_in_from_stripe(
     stack: Stack, db: Session
 ) -> None:
     client = stack.stripe()
-    stack.admin("POST", "/config", {"webhook_url": None})  # only the events delivered below
+    stack.admin.config(webhook_url=None)  # only the events delivered below
     try:
         refunded = client.v1.payment_intents.create(
             {"amount": 2600, "currency": "usd", "payment_method": "pm_card_visa", "confirm": True}
@@ -334,7 +333,7 @@ def test_events_about_payments_never_seen_bring_the_payment_in_from_stripe(
         ):
             assert deliver(stack, body).json() == {"received": True, "outcome": "processed"}
     finally:
-        stack.admin("POST", "/config", {"webhook_url": f"{stack.api_url}/v1/webhooks/stripe"})
+        stack.admin.config(webhook_url=stack.webhook_url)
     assert payment_state(db, refunded.id) == ("succeeded", 2600)
     assert charge_state(db, str(refunded.latest_charge)) == ("succeeded", 2600, False)
     assert refunds_of(db, str(refunded.latest_charge)) == [(refund.id, "stripe", 600, "succeeded")]
