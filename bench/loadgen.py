@@ -62,6 +62,12 @@ class Run:
         self.requests = [
             self._encode(head, charge, args.amount, args.reason) for charge in payments
         ]
+        # With --idempotency-keys every request carries a key of its own, as a careful
+        # client's would: a fresh one per refund, never a replay.
+        self.key_prefix = (
+            f"Idempotency-Key: {args.key_prefix}-".encode() if args.idempotency_keys else None
+        )
+        self.sent = 0
         self.latencies: list[float] = []
         self.statuses: Counter[str] = Counter()
         self.refund_ids: list[str] = []
@@ -90,6 +96,10 @@ class Run:
             if writer is None:
                 reader, writer = await asyncio.open_connection(self.host, self.port)
             assert reader is not None
+            if self.key_prefix is not None:
+                self.sent += 1
+                key = b"%s%d\r\n" % (self.key_prefix, self.sent)
+                request = request.replace(b"\r\n", b"\r\n" + key, 1)  # after the request line
             started = time.perf_counter()
             try:
                 writer.write(request)
@@ -169,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reason", default="requested_by_customer")
     parser.add_argument("--expect", type=int, default=201, help="the status that is not an error")
     parser.add_argument("--ids", action="store_true", help="list the refund ids created")
+    parser.add_argument("--idempotency-keys", action="store_true",
+                        help="send a fresh Idempotency-Key with every request")
+    parser.add_argument("--key-prefix", default=f"bench-{os.getpid()}-{int(time.time())}",
+                        help="Idempotency-Key prefix (a counter follows)")
     args = parser.parse_args(argv)
     if not args.token:
         parser.error("give --token or set LOADGEN_TOKEN")

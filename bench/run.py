@@ -95,6 +95,7 @@ class Config:
     baseline_threads: int
     hotspot_connections: int
     warmup_seconds: float
+    idempotency_keys: bool
     profile: bool
     pg_admin_url: str
     output: str
@@ -115,11 +116,12 @@ class Config:
             stripe_latency_ms=_env_int("BENCH_STRIPE_LATENCY_MS", 300, low=0),
             stripe_rate_limit=_env_int("BENCH_STRIPE_RATE_LIMIT", 100),
             stripe_max_rps=_env_float("BENCH_STRIPE_MAX_RPS", 95.0),
-            worker_concurrency=_env_int("BENCH_WORKER_CONCURRENCY", 48),
+            worker_concurrency=_env_int("BENCH_WORKER_CONCURRENCY", 40),
             workers=_env_int("BENCH_WORKERS", 1),
             baseline_threads=_env_int("BENCH_BASELINE_THREADS", 8),
             hotspot_connections=_env_int("BENCH_HOTSPOT_CONNECTIONS", 8),
             warmup_seconds=_env_float("BENCH_WARMUP_SECONDS", 2.0),
+            idempotency_keys=os.environ.get("BENCH_IDEMPOTENCY", "1") not in ("", "0"),
             profile=os.environ.get("BENCH_PROFILE", "") not in ("", "0"),
             pg_admin_url=os.environ.get(
                 "BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -152,6 +154,7 @@ class Bench:
         self.emulator: Process | None = None
         self.redis: Process | None = None
         self.workers: list[Process] = []
+        self._conn: psycopg.Connection[Any] | None = None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -170,8 +173,10 @@ class Bench:
             process.stop()
 
     def sql(self, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with psycopg.connect(self.db.dsn, autocommit=True) as conn:
-            return conn.execute(query, params).fetchall()  # type: ignore[arg-type]
+        """Run one statement on the run's own (autocommit) connection."""
+        if self._conn is None:
+            self._conn = psycopg.connect(self.db.dsn, autocommit=True)
+        return self._conn.execute(query, params).fetchall()  # type: ignore[arg-type]
 
     def status_counts(self, since: Any = None) -> dict[str, int]:
         """Refunds by status (those created at or after ``since``, a database timestamp).
@@ -180,7 +185,7 @@ class Bench:
         append-only, so they stay): they are not part of any drain."""
         return {str(s): int(n) for s, n in self.sql(
             "SELECT status, count(*) FROM refunds WHERE initiated_by <> %s"
-            " AND created_at >= coalesce(%s, '-infinity') GROUP BY status",
+            " AND created_at >= coalesce(%s::timestamptz, '-infinity') GROUP BY status",
             (BASELINE_ACTOR, since),
         )}
 
@@ -204,7 +209,8 @@ class Bench:
 
     def loadgen(self, payments: Path, connections: int, *, duration: float | None = None,
                 requests: int | None = None, amount: int = REFUND_AMOUNT,
-                meter: bool = False, profile: str | None = None) -> dict[str, Any]:
+                meter: bool = False, profile: str | None = None,
+                idempotency_keys: bool = False) -> dict[str, Any]:
         """Run the load generator as its own process; with ``meter``, the CPU each
         process kind used in the middle of the run is added as ``cpu_cores``."""
         argv = [sys.executable, "-m", "bench.loadgen", "--url", self.url,
@@ -212,6 +218,8 @@ class Bench:
                 "--amount", str(amount)]
         argv += ["--duration", str(duration)] if duration is not None else [
             "--requests", str(requests)]
+        if idempotency_keys:
+            argv.append("--idempotency-keys")
         env = {**self.env, "LOADGEN_TOKEN": self.token}
         proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE)  # noqa: S603
         cpu = None
@@ -353,7 +361,8 @@ class Bench:
     def slices(self) -> dict[str, list[str]]:
         """Disjoint shares of the payments: one per phase."""
         n = self.config.payments
-        sizes = {"warmup": 0.02, "initiation": 0.58, "baseline": 0.25, "e2e": 0.15}
+        sizes = {"warmup": 0.02, "initiation": 0.50, "idempotency": 0.13, "baseline": 0.22,
+                 "e2e": 0.13}
         out, start = {}, 0
         for name, share in sizes.items():
             size = int(n * share)
@@ -383,6 +392,15 @@ class Bench:
             log(f"initiation @{k}: {out['requests_per_s']}/s, p50 {out['latency_ms']['p50']} ms,"
                 f" p99 {out['latency_ms']['p99']} ms, errors {out['errors']},"
                 f" loadgen {out['loadgen_cpu_cores']} cores")
+        if c.idempotency_keys:
+            # What careful callers send: a fresh Idempotency-Key with each refund (two more
+            # statements in the transaction: claim the key, store the answer).
+            k = max(c.connections)
+            path = self.write_lines("idempotency.txt", shares["idempotency"])
+            out = self.loadgen(path, k, duration=c.seconds, meter=True, idempotency_keys=True)
+            self.result["initiation_with_idempotency_key"] = out
+            log(f"initiation with Idempotency-Key @{k}: {out['requests_per_s']}/s,"
+                f" p99 {out['latency_ms']['p99']} ms, errors {out['errors']}")
 
     def baseline(self, share: list[str]) -> None:
         c = self.config
@@ -541,28 +559,30 @@ class Bench:
         headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
         e2e, post = [], []
         statuses: dict[str, int] = {}
-        with psycopg.connect(self.db.dsn, autocommit=True) as conn:
-            for charge in share[: c.e2e_samples]:
-                body = json.dumps({"charge_id": charge, "amount_cents": REFUND_AMOUNT})
-                sent = time.perf_counter()
-                api.request("POST", "/v1/admin/refunds", body=body, headers=headers)
-                response = api.getresponse()
-                payload = json.loads(response.read())
-                answered = time.perf_counter()
-                if response.status != 201:
-                    statuses[str(response.status)] = statuses.get(str(response.status), 0) + 1
-                    continue
-                status = "pending"
-                while status == "pending" and time.perf_counter() - answered < 30:
-                    time.sleep(0.001)
-                    row = conn.execute("SELECT status FROM refunds WHERE id = %s",
-                                       (payload["refund_id"],)).fetchone()
-                    status = row[0] if row else "pending"
-                seen = time.perf_counter()
-                statuses[status] = statuses.get(status, 0) + 1
-                post.append(answered - sent)
-                e2e.append(seen - answered)
-                time.sleep(0.02)
+        self.sql("SELECT 1")
+        conn = self._conn
+        assert conn is not None
+        for charge in share[: c.e2e_samples]:
+            body = json.dumps({"charge_id": charge, "amount_cents": REFUND_AMOUNT})
+            sent = time.perf_counter()
+            api.request("POST", "/v1/admin/refunds", body=body, headers=headers)
+            response = api.getresponse()
+            payload = json.loads(response.read())
+            answered = time.perf_counter()
+            if response.status != 201:
+                statuses[str(response.status)] = statuses.get(str(response.status), 0) + 1
+                continue
+            status = "pending"
+            while status == "pending" and time.perf_counter() - answered < 30:
+                time.sleep(0.001)
+                row = conn.execute("SELECT status FROM refunds WHERE id = %s",
+                                   (payload["refund_id"],)).fetchone()
+                status = row[0] if row else "pending"
+            seen = time.perf_counter()
+            statuses[status] = statuses.get(status, 0) + 1
+            post.append(answered - sent)
+            e2e.append(seen - answered)
+            time.sleep(0.02)
         api.close()
         self.result["end_to_end"] = {
             "samples": len(e2e),
@@ -659,6 +679,9 @@ class Bench:
         self.result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
 
     def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
         self.stop_workers()
         for proc in reversed(self.processes):
             with contextlib.suppress(Exception):
@@ -669,7 +692,7 @@ class Bench:
 
 def main() -> int:
     config = Config.from_env()
-    keep = os.environ.get("BENCH_KEEP", "") not in ("", "0")
+    keep = os.environ.get("BENCH_KEEP", "") not in ("", "0") or config.profile
     (ROOT / ".bench").mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="run-", dir=ROOT / ".bench"))
     bench = Bench(config, work)

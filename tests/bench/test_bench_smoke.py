@@ -53,6 +53,9 @@ def test_bench_prints_every_figure_and_no_request_fails(tmp_path: Path) -> None:
         assert {"p50", "p99"} <= phase["latency_ms"].keys()
         assert {"requests_per_s", "loadgen_cpu_cores"} <= phase.keys()
 
+    keyed = printed["initiation_with_idempotency_key"]
+    assert keyed["ok"] > 0 and keyed["errors"] == 0, keyed["statuses"]
+
     baseline = printed["baseline"]
     assert baseline["ops"] > 0 and baseline["errors"] == 0
     assert printed["ratio_initiation_to_baseline"] > 0
