@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 from flask import Flask, Response, g, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from api.errors import register_error_handlers
 from shared.config import get_settings
@@ -28,6 +29,15 @@ def create_app() -> Flask:
         valid = 0 < len(incoming) <= REQUEST_ID_MAX and incoming.isascii()
         valid = valid and incoming.isprintable()
         g.request_id = incoming if valid else uuid.uuid4().hex
+
+    @app.before_request
+    def _whole_streamed_body() -> None:
+        # A chunked body has no Content-Length to check up front, and Werkzeug stops
+        # reading it at MAX_CONTENT_LENGTH without saying so: read it here and refuse one
+        # that reaches the limit, rather than let a view parse a truncated body.
+        streamed = request.content_length is None and "Transfer-Encoding" in request.headers
+        if streamed and len(request.get_data(cache=True)) >= settings.max_request_bytes:
+            raise RequestEntityTooLarge()
 
     @app.after_request
     def _echo_request_id(response: Response) -> Response:

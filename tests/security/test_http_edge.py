@@ -6,13 +6,12 @@ never gunicorn's HTML page, never an echo of what was sent; and nothing is writt
 from __future__ import annotations
 
 import json
-import socket
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
 from tests.api.helpers import REFUNDS, Contract
+from tests.security.helpers import raw_exchange
 from tests.support import auth, seed_payment, table_counts
 
 LONG = "x" * 10_000
@@ -21,20 +20,6 @@ LONG = "x" * 10_000
 @pytest.fixture(scope="module")
 def contract(api_url: str) -> Contract:
     return Contract(httpx.get(f"{api_url}/openapi.json", timeout=10).json())
-
-
-def raw_exchange(api_url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Send bytes no HTTP client would, read the answer until the server closes."""
-    parts = urlsplit(api_url)
-    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
-        sock.sendall(request)
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
-    return int(status_line.split()[1]), headers, body
 
 
 def assert_json_error(status: int, headers: dict[str, str], body: bytes, expected: int,
