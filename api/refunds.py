@@ -23,12 +23,30 @@ IDEMPOTENCY_KEY_MAX = 255
 def _parse_body() -> RefundCreate:
     raw = request.get_data(cache=False)
     try:
-        return RefundCreate.model_validate_json(raw or b"null")
+        body = RefundCreate.model_validate_json(raw or b"null")
     except ValidationError as exc:
         if any(e["type"] in ("json_invalid", "model_type") for e in exc.errors()):
             raise ApiError(422, "The body must be a JSON object, e.g. "
                            '{"charge_id": "ch_...", "amount_cents": 500}.') from exc
         raise ApiError(422, describe(exc, RefundCreate)) from exc
+    # JSON parsers disagree on a key given twice (this one keeps the last copy, others
+    # the first): a proxy, a log or a person reading the body could see another refund.
+    repeated = _repeated_keys(raw)
+    if repeated:
+        raise ApiError(422, f"{', '.join(repeated)}: give each field once.")
+    return body
+
+
+def _repeated_keys(raw: bytes) -> list[str]:
+    repeated: list[str] = []
+
+    def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
+        names = [name for name, _ in items]
+        repeated.extend(sorted({name for name in names if names.count(name) > 1}))
+        return dict(items)
+
+    json.loads(raw, object_pairs_hook=pairs)
+    return repeated
 
 
 def _idempotency_key() -> str | None:

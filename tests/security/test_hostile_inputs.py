@@ -166,3 +166,15 @@ def test_json_that_parsers_disagree_on_is_422_and_writes_nothing(client, db, raw
                        headers={"Content-Type": "application/json"})
     assert_error(resp, 422, "validation_error")
     assert table_counts(db) == before
+
+
+def test_a_field_given_twice_is_refused_not_taken_from_either_copy(client, db) -> None:
+    """``{"amount_cents": 1, "amount_cents": 9000}``: parsers disagree on which copy wins,
+    so a proxy, a log or a person reading the body could see another refund than the
+    one made."""
+    _, charge = seed_payment(db, amount=10_000)
+    before = table_counts(db)
+    raw = f'{{"charge_id": "{charge.id}", "amount_cents": 1, "amount_cents": 9000}}'
+    resp = client.post(REFUNDS, content=raw, headers={"Content-Type": "application/json"})
+    assert_error(resp, 422, "validation_error")
+    assert table_counts(db) == before
