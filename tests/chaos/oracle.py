@@ -122,8 +122,12 @@ def verify(engine: Engine, admin: Admin, ledger: Ledger) -> Verdict:
 
     _check_answers(verdict, ledger, refunds)
     by_refund_id = _check_stripe_side(verdict, stripe_refunds, refunds, charges)
+    by_stripe_id = {sr["id"]: sr for sr in stripe_refunds}
     for refund in refunds.values():
-        _check_refund(verdict, refund, by_refund_id.get(refund.id), events[refund.id])
+        # A refund recorded from Stripe (made outside the service) has no metadata of ours.
+        stripe_refund = by_refund_id.get(refund.id) or by_stripe_id.get(
+            refund.stripe_refund_id or "")
+        _check_refund(verdict, refund, stripe_refund, events[refund.id])
     _check_amounts(verdict, refunds, payments)
     return verdict
 

@@ -77,9 +77,12 @@ class PostgresCluster:
             raise RuntimeError(f"{tool} failed ({result.returncode}): {result.stderr.strip()}")
 
     def start(self) -> None:
+        # fsync=off survives a crashed server (the OS keeps what was written), not a
+        # crashed machine; synchronous_commit stays on: a commit the service was told
+        # about must survive the crash, as it does in production.
         options = (
             f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.root}"
-            " -c fsync=off -c synchronous_commit=off -c max_connections=200"
+            " -c fsync=off -c max_connections=200"
         )
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.log_path),
                   "-w", "-t", "60", "start")
