@@ -1,5 +1,5 @@
 """A refund pipeline for the fuzzers: gunicorn (2 processes), a Celery worker and the
-Stripe emulator, on a database and a Redis of the package's own, with a few real
+Stripe emulator, on a Postgres cluster and a Redis of the package's own, with a few real
 payments to refund, so fuzzed requests reach past "not found" into the money rules.
 """
 
@@ -12,27 +12,28 @@ import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
-from tests.chaos.stack import Pipeline, running_pipeline
-from tests.conftest import RUN_ID, _admin_execute
-from tests.support import RedisServer, create_database, seed_emulator_payments
+from tests.chaos.stack import Pipeline, PostgresCluster, running_pipeline
+from tests.support import RedisServer, seed_emulator_payments
 
 
 @pytest.fixture(scope="package")
 def fuzz_pipeline(
     service_env: dict[str, str], log_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Pipeline]:
-    name = f"refunds_test_{RUN_ID}_fuzz"
-    database_url = create_database(name)
+    # A cluster of its own: the run's shared Postgres may be near its connection limit,
+    # and a fuzzer must find the service's 500s, not the neighbours'.
+    cluster = PostgresCluster()
     redis_server = RedisServer(tmp_path_factory.mktemp("fuzz-redis"))
     try:
+        cluster.start()
         with running_pipeline(
-            service_env, database_url=database_url, redis_url=redis_server.url,
-            log_dir=log_dir, web_workers=2, workers=1, beat=False,
+            service_env, database_url=cluster.create_database("refunds"),
+            redis_url=redis_server.url, log_dir=log_dir, web_workers=2, workers=1, beat=False,
         ) as pipeline:
             yield pipeline
     finally:
         redis_server.stop()
-        _admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        cluster.destroy()
 
 
 @pytest.fixture(scope="package")
