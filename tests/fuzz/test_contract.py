@@ -35,7 +35,6 @@ import schemathesis
 from hypothesis import HealthCheck, given
 from hypothesis import settings as given_settings
 from hypothesis import strategies as st
-from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import CHECKS as REGISTRY
 from schemathesis.checks import CheckContext, load_all_checks
@@ -52,6 +51,9 @@ OPERATIONS = {
     "POST /v1/webhooks/stripe", "GET /healthz", "GET /readyz", "GET /metrics",
     "GET /openapi.json",
 }
+#: Operations a request can break the schema of (a body, a bounded parameter, a token);
+#: the others take nothing but free-form string headers.
+BREAKABLE = OPERATIONS - {"GET /healthz", "GET /readyz", "GET /metrics", "GET /openapi.json"}
 REFUNDS = "/v1/admin/refunds"
 
 
@@ -154,8 +156,11 @@ def test_every_published_operation_is_fuzzed(fuzz_schema) -> None:
     assert published == OPERATIONS
 
 
-@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
-@pytest.mark.parametrize("label", sorted(OPERATIONS))
+@pytest.mark.parametrize(
+    ("label", "mode"),
+    [(label, GenerationMode.POSITIVE) for label in sorted(OPERATIONS)]
+    + [(label, GenerationMode.NEGATIVE) for label in sorted(BREAKABLE)],
+)
 def test_operation_keeps_its_contract(
     fuzz_schema, fuzz_pipeline, fuzz_charges, real_refunds, settings, tally, label, mode
 ) -> None:
@@ -182,9 +187,4 @@ def test_operation_keeps_its_contract(
         tally[f"examples {label} {mode}"] += 1
         tally[f"status {response.status_code}"] += 1
 
-    try:
-        fuzz()
-    except Unsatisfiable:
-        # Nothing in this operation can break its schema (no body, string headers only).
-        assert mode is GenerationMode.NEGATIVE
-        pytest.skip(f"{label} has nothing a negative example could break")
+    fuzz()
