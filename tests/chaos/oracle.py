@@ -80,25 +80,31 @@ class Verdict:
         return not any(self.violations.values())
 
 
-def settle(engine: Engine, admin: Admin, *, timeout: float) -> bool:
+def settle(engine: Engine, admin: Admin, *, timeout: float, quiet: float = 3.0) -> bool:
     """Wait until every refund is terminal, Stripe has delivered its webhooks, and each
-    Stripe refund's status agrees with ours (a refund can fail at Stripe after it
-    succeeded: that arrives later). False if that did not happen within ``timeout``."""
+    Stripe refund's status agrees with ours, and all of that has held for ``quiet``
+    seconds: a refund can still fail at Stripe a while after it succeeded (a test card
+    does so after a delay), which no state visible now announces. False if that did not
+    happen within ``timeout``."""
     deadline = time.monotonic() + timeout
+    agreed_since: float | None = None
     while True:
         with Session(engine) as session:
             ours = {row.id: row.status for row in session.execute(
                 select(Refund.id, Refund.status))}
         theirs = {(sr.get("metadata") or {}).get("refund_id"): sr.get("status")
                   for sr in admin.refunds()}
-        if (
+        agree = (
             all(status in TERMINAL_STATUSES for status in ours.values())
             and admin.webhook_deliveries()["pending"] == 0
             and all(theirs.get(refund_id) in AGREEING[status]
                     for refund_id, status in ours.items())
-        ):
+        )
+        now = time.monotonic()
+        agreed_since = (agreed_since or now) if agree else None
+        if agreed_since is not None and now - agreed_since >= quiet:
             return True
-        if time.monotonic() > deadline:
+        if now > deadline:
             return False
         time.sleep(0.25)
 

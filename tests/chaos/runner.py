@@ -28,6 +28,7 @@ import argparse
 import os
 import random
 import secrets
+import shutil
 import sys
 import tempfile
 import threading
@@ -437,8 +438,6 @@ def main(argv: list[str] | None = None) -> int:
     report = run(scenario, log_dir=log_dir, out=lambda line: print(line, flush=True))
     print(report.table(), flush=True)
     if report.ok and args.logs is None:
-        import shutil
-
         shutil.rmtree(log_dir, ignore_errors=True)
     return 0 if report.ok else 1
 
