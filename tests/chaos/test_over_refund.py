@@ -109,7 +109,7 @@ class Caller:
         self.sent: list[tuple[str, dict[str, Any]]] = []
 
     def pick(self) -> Target:
-        # Three hot payments take most of the traffic: that is where races are.
+        # A few hot payments take most of the traffic: that is where races are.
         hot = self.targets[:3 * SCALE]
         return self.rng.choice(hot if self.rng.random() < 0.6 else self.targets)
 
