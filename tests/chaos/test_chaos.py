@@ -28,9 +28,11 @@ SEED = random.randrange(2**31)
 def plant_violations(found: dict, pipeline: Pipeline, engine: Engine, ledger: Ledger) -> None:
     with Session(engine, expire_on_commit=False) as db:
         victim = db.scalars(select(Refund).where(Refund.status == "succeeded").limit(1)).one()
-        # Money out twice: a second Stripe refund carrying the same refund id.
+        # Money out twice: a second Stripe refund carrying the same refund id (on a charge
+        # of its own: the victim's may have nothing left).
+        [charge_id] = pipeline.admin.seed(1, amount=100)["charges"]
         pipeline.emulator.client(pipeline.env["STRIPE_API_KEY"]).v1.refunds.create(
-            {"charge": victim.charge_id, "amount": 1, "metadata": {"refund_id": victim.id}})
+            {"charge": charge_id, "amount": 1, "metadata": {"refund_id": victim.id}})
         # A refund beyond the payment, and with no audit trail.
         db.add(Refund(id=new_id("rf"), payment_id=victim.payment_id, charge_id=victim.charge_id,
                       amount=10**9, currency="usd", status=RefundStatus.PENDING,
