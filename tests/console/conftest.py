@@ -21,14 +21,22 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from sqlalchemy import select
+from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from emulator.testing import Admin, EmulatorProcess
 from shared.celery_app import REFUNDS_QUEUE
 from shared.config import Settings
 from shared.models import Charge, Payment, RefundEvent, new_id
-from tests.support import free_port, token, wait_for_http, web_process, worker_process
+from tests.conftest import RUN_ID, _admin_execute
+from tests.support import (
+    create_database,
+    free_port,
+    token,
+    wait_for_http,
+    web_process,
+    worker_process,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -118,7 +126,27 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(service_env: dict[str, str], settings: Settings, log_dir: Path) -> Iterator[Stack]:
+def console_database(service_env: dict[str, str]) -> Iterator[str]:
+    """A database of the console tests' own: the overview and the stuck list count every
+    refund, and other modules leave refunds pending in the run's shared database."""
+    name = f"refunds_test_{RUN_ID}_console"
+    url = create_database(name)
+    yield url
+    _admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def db(console_database: str) -> Iterator[Session]:
+    engine = create_engine(console_database)
+    with Session(engine, expire_on_commit=False) as session:
+        yield session
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def stack(
+    service_env: dict[str, str], console_database: str, settings: Settings, log_dir: Path
+) -> Iterator[Stack]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with EmulatorProcess(
@@ -127,7 +155,8 @@ def stack(service_env: dict[str, str], settings: Settings, log_dir: Path) -> Ite
         pending_refund_delay=1.0,
         failing_refund_delay=1.0,
     ) as emulator:
-        env = {**service_env, **STACK_SETTINGS, "STRIPE_API_BASE": emulator.url}
+        env = {**service_env, **STACK_SETTINGS, "STRIPE_API_BASE": emulator.url,
+               "DATABASE_URL": console_database}
         # Start from an empty queue: tasks earlier modules' API calls left in this run's
         # Redis would be worked here, against an emulator that never saw their charges.
         redis.Redis.from_url(service_env["REDIS_URL"]).delete(REFUNDS_QUEUE)
