@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, Response, g, jsonify
+from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
 from shared import errors as domain
@@ -82,6 +83,19 @@ def register_error_handlers(app: Flask) -> None:
         }.get(status, exc.description or "Request failed.")
         headers = {"Allow": exc.get_response().headers["Allow"]} if status == 405 else None
         return error_response(status, HTTP_CODES.get(status, "error"), message, headers)
+
+    @app.errorhandler(OperationalError)
+    def _database_unavailable(exc: OperationalError) -> Response:
+        # The database is down or a lock wait timed out: nothing was committed, and the
+        # same request (with the same Idempotency-Key) can safely be sent again.
+        log.exception("database unavailable", extra={"request_id": g.get("request_id")})
+        return error_response(
+            503,
+            "unavailable",
+            "The service cannot reach its database right now; nothing was recorded. "
+            "Retry shortly (with the same Idempotency-Key).",
+            {"Retry-After": "2"},
+        )
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:

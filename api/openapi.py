@@ -69,7 +69,8 @@ def _auth_errors(scope: str) -> dict[str, Any]:
         "403": _error(f"The token lacks the `{scope}` scope. `error`: `forbidden`."),
         "500": _ref("responses", "InternalError"),
         "503": _error(
-            "Token keys (JWKS) cannot be fetched right now; retry later. `error`: `unavailable`."
+            "The database or the token keys (JWKS) cannot be reached right now; nothing was "
+            "recorded, retry later. `error`: `unavailable`."
         ),
     }
 
