@@ -92,6 +92,7 @@ class Config:
     stripe_max_rps: float
     worker_concurrency: int
     workers: int
+    stripe_shapes: tuple[tuple[int, int], ...]
     baseline_threads: int
     hotspot_connections: int
     warmup_seconds: float
@@ -118,6 +119,14 @@ class Config:
             stripe_max_rps=_env_float("BENCH_STRIPE_MAX_RPS", 95.0),
             worker_concurrency=_env_int("BENCH_WORKER_CONCURRENCY", 40),
             workers=_env_int("BENCH_WORKERS", 1),
+            stripe_shapes=tuple(
+                (int(p), int(t))
+                for p, t in (
+                    shape.split("x")
+                    for shape in os.environ.get("BENCH_STRIPE_WORKERS", "1x40,2x20").split(",")
+                    if shape.strip()
+                )
+            ),
             baseline_threads=_env_int("BENCH_BASELINE_THREADS", 8),
             hotspot_connections=_env_int("BENCH_HOTSPOT_CONNECTIONS", 8),
             warmup_seconds=_env_float("BENCH_WARMUP_SECONDS", 2.0),
@@ -449,11 +458,10 @@ class Bench:
                 raise BenchError(f"top-up requests failed: {out['statuses']}")
         return self.status_counts().get("pending", 0)
 
-    def start_workers(self, **env: str) -> None:
-        c = self.config
-        worker_env = {**self.env, "WORKER_CONCURRENCY": str(c.worker_concurrency), **env}
+    def start_workers(self, processes: int, threads: int, **env: str) -> None:
+        worker_env = {**self.env, "WORKER_CONCURRENCY": str(threads), **env}
         self.workers = []
-        for i in range(c.workers):
+        for i in range(processes):
             worker_env["HONCHO_PROCESS_NAME"] = f"bench-{self.db.name}-{i}"
             proc = procfile_process("worker", dict(worker_env), self.work, suffix=f"-{i}")
             self.workers.append(self.start(proc))
@@ -546,7 +554,7 @@ class Bench:
         log(f"drain: {pending} pending refunds ({queued} tasks queued), emulator at 0 ms")
         # The limiter is not what this phase measures: a budget far above what one machine
         # can send leaves the workers' own speed.
-        self.start_workers(STRIPE_MAX_RPS="100000")
+        self.start_workers(c.workers, c.worker_concurrency, STRIPE_MAX_RPS="100000")
         out = self.drain("drain", pending, timeout=1800)
         out["tasks_queued"] = queued
         out["stripe_max_rps"] = 100000
@@ -595,8 +603,16 @@ class Bench:
         log(f"end to end: p50 {latency_summary(e2e)['p50']} ms, p99 {latency_summary(e2e)['p99']}")
 
     def stripe_shaped(self) -> None:
-        c = self.config
+        """The Stripe-shaped drain once per worker shape (processes x threads)."""
         self.stop_workers()
+        self.result["stripe_shaped"] = {}
+        for processes, threads in self.config.stripe_shapes:
+            self.stripe_shaped_once(processes, threads)
+        self.admin.clear_faults()
+
+    def stripe_shaped_once(self, processes: int, threads: int) -> None:
+        c = self.config
+        shape = f"{processes}x{threads}"
         count = math.ceil(c.stripe_max_rps * c.stripe_seconds)
         since = self.db_now()
         all_payments = self.write_lines("all.txt", self.charges)
@@ -607,23 +623,24 @@ class Bench:
         self.admin.faults(latency_ms=c.stripe_latency_ms, rate_limit_rps=c.stripe_rate_limit)
         self.admin.reset_stats()
         self.stripe_refunds_before = self.admin.stats().get("refunds", 0)
-        log(f"Stripe-shaped drain: {pending} refunds, emulator {c.stripe_latency_ms} ms and "
-            f"{c.stripe_rate_limit}/s, STRIPE_MAX_RPS={c.stripe_max_rps:g}")
-        self.start_workers(STRIPE_MAX_RPS=f"{c.stripe_max_rps:g}")
-        result = self.drain("Stripe-shaped drain", pending, timeout=c.stripe_seconds * 10 + 120,
-                            since=since)
+        log(f"Stripe-shaped drain, {shape} worker threads: {pending} refunds, emulator"
+            f" {c.stripe_latency_ms} ms and {c.stripe_rate_limit}/s,"
+            f" STRIPE_MAX_RPS={c.stripe_max_rps:g}")
+        self.start_workers(processes, threads, STRIPE_MAX_RPS=f"{c.stripe_max_rps:g}")
+        result = self.drain(f"Stripe-shaped drain {shape}", pending,
+                            timeout=c.stripe_seconds * 10 + 120, since=since)
         result.update({
+            "worker_processes": processes,
+            "worker_concurrency": threads,
             "emulator_latency_ms": c.stripe_latency_ms,
             "emulator_rate_limit_rps": c.stripe_rate_limit,
             "stripe_max_rps": c.stripe_max_rps,
-            "worker_concurrency": c.worker_concurrency,
         })
         retried = self.sql(
             "SELECT count(*) FROM refunds WHERE attempts > 1 AND created_at >= %s", (since,)
         )
         result["refunds_retried"] = int(retried[0][0])
-        self.result["stripe_shaped"] = result
-        self.admin.clear_faults()
+        self.result["stripe_shaped"][shape] = result
         self.stop_workers()
 
     def hot_spot(self) -> None:
@@ -663,7 +680,6 @@ class Bench:
         ratio = init.get("requests_per_s", 0) / base["ops_per_s"] if base["ops_per_s"] else 0.0
         self.result["ratio_initiation_to_baseline"] = round(ratio, 3)
         drain = self.result["drain"]["worker_rss_mb"]
-        stripe = self.result["stripe_shaped"]
         self.result["targets"] = {
             f"initiation@{top} >= 0.6 x baseline": ratio >= 0.6,
             f"initiation@{top} p99 <= 50 ms": init.get("latency_ms", {}).get("p99", 1e9) <= 50,
@@ -671,8 +687,11 @@ class Bench:
                 r["errors"] == 0 for r in self.result["initiation"].values()),
             "end-to-end p50 <= 100 ms":
                 self.result["end_to_end"]["created_to_succeeded_ms"]["p50"] <= 100,
-            "Stripe-shaped >= 90 refunds/s": stripe["steady_refunds_per_s"] >= 90,
-            "Stripe-shaped 0 429s": stripe["emulator_429s"] == 0,
+            **{
+                f"Stripe-shaped ({shape} worker threads) >= 90 refunds/s, 0 429s":
+                    run["steady_refunds_per_s"] >= 90 and run["emulator_429s"] == 0
+                for shape, run in self.result["stripe_shaped"].items()
+            },
             "worker memory flat (end <= 10% point + 10%)":
                 drain["end"] <= drain["at_10pct"] * 1.10,
         }

@@ -25,6 +25,7 @@ TINY = {
     "BENCH_E2E_SAMPLES": "5",
     "BENCH_STRIPE_SECONDS": "1",
     "BENCH_WORKER_CONCURRENCY": "16",
+    "BENCH_STRIPE_WORKERS": "1x4,2x2",
 }
 
 
@@ -60,8 +61,9 @@ def test_bench_prints_every_figure_and_no_request_fails(tmp_path: Path) -> None:
     assert baseline["ops"] > 0 and baseline["errors"] == 0
     assert printed["ratio_initiation_to_baseline"] > 0
 
-    for name in ("drain", "stripe_shaped"):
-        drain = printed[name]
+    drains = [printed["drain"], *printed["stripe_shaped"].values()]
+    assert printed["stripe_shaped"].keys() == {"1x4", "2x2"}
+    for drain in drains:
         assert drain["left_pending"] == 0 and not drain.get("incomplete"), drain
         assert drain["statuses"].keys() == {"succeeded"}, drain["statuses"]
         assert drain["duplicate_stripe_refunds"] == 0
