@@ -32,6 +32,13 @@ threads = settings.web_threads
 timeout = 30
 graceful_timeout = 20
 keepalive = 5
+# A listening socket per worker (SO_REUSEPORT): the kernel spreads new connections over
+# the workers. With one shared socket, keep-alive clients piled onto whichever worker won
+# the accept race (8 connections: often 8/0 or 7/1), and that one process, held to one
+# core by the GIL, served them all while the other idled (make bench: 8 connections no
+# faster than 1). Side effect: a second server started on the same port by the same user
+# shares it instead of failing to bind.
+reuse_port = True
 # One control socket path per user would be shared by every gunicorn on the machine.
 control_socket_disable = True
 logconfig_dict = dict_config("web")
