@@ -60,11 +60,15 @@ EDGE_ERRORS = {
     414: ("uri_too_long", "The request URL is too long."),
     417: ("expectation_failed", "The Expect header cannot be met."),
     431: ("headers_too_large", "The request headers are too large or too many."),
-    501: ("not_implemented", "The request's transfer coding is not supported."),
 }
+# gunicorn answers an unknown Transfer-Encoding with 501; it is the client's malformed
+# request, so it gets the same 400 as any other request that is not valid HTTP.
+CLIENT_FAULTS_AS_400 = {501}
 
 
 def write_json_error(sock, status_int, reason, mesg):
+    if status_int in CLIENT_FAULTS_AS_400:
+        status_int, reason = 400, "Bad Request"
     code, message = EDGE_ERRORS.get(status_int, ("internal_error", "Something went wrong."))
     body = json.dumps({"error": code, "message": message}).encode()
     head = (
