@@ -24,7 +24,7 @@ TINY = {
     "BENCH_DRAIN_REFUNDS": "300",
     "BENCH_E2E_SAMPLES": "5",
     "BENCH_STRIPE_SECONDS": "1",
-    "BENCH_WORKER_CONCURRENCY": "16",
+    "BENCH_WORKER_CONCURRENCY": "4",  # few Postgres connections: other suites share the server
     "BENCH_STRIPE_WORKERS": "1x4,2x2",
 }
 
