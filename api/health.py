@@ -30,6 +30,8 @@ def readyz() -> tuple[Response, int]:
     except Exception:
         down.append("broker")
     if down:
-        body = jsonify(error="unavailable", message=f"Not ready: {', '.join(down)} unreachable.", down=down)
+        body = jsonify(
+            error="unavailable", message=f"Not ready: {', '.join(down)} unreachable.", down=down
+        )
         return body, 503
     return jsonify(status="ready"), 200

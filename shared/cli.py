@@ -73,7 +73,12 @@ def _check_config(args: argparse.Namespace) -> int:
 def _stripe_emulator(args: argparse.Namespace) -> int:
     from emulator.server import serve
 
-    serve(host=args.host, port=args.port, webhook_url=args.webhook_url, webhook_secret=args.webhook_secret)
+    serve(
+        host=args.host,
+        port=args.port,
+        webhook_url=args.webhook_url,
+        webhook_secret=args.webhook_secret,
+    )
     return 0
 
 
@@ -96,20 +101,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refunds", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+    def add(
+        name: str, func: Callable[[argparse.Namespace], int], help_: str
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(func=func)
         return p
 
     p = add("token", _token, "Print a development bearer token signed with JWT_SECRET.")
-    p.add_argument("--scope", action="append", help="a scope to grant (repeatable); default read and write")
+    p.add_argument(
+        "--scope", action="append", help="a scope to grant (repeatable); default read and write"
+    )
     p.add_argument("--sub", default="dev@localhost", help="the caller recorded as initiated_by")
     p.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
 
     p = add("show", _show, "Print one refund with its audit trail.")
     p.add_argument("refund_id")
 
-    payments = sub.add_parser("payments", help="Payments and charges.").add_subparsers(dest="action", required=True)
+    payments = sub.add_parser("payments", help="Payments and charges.").add_subparsers(
+        dest="action", required=True
+    )
     p = payments.add_parser("sync", help="Backfill payments, charges and refunds from Stripe.")
     p.set_defaults(func=_payments_sync)
 
@@ -126,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("flower", _flower, "Run Flower; needs FLOWER_BASIC_AUTH; other FLOWER_* variables apply.")
 
-    p = add("stripe-emulator", _stripe_emulator, "Run the Stripe emulator for development and tests.")
+    p = add(
+        "stripe-emulator", _stripe_emulator, "Run the Stripe emulator for development and tests."
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=12111)
     p.add_argument("--webhook-url", default=None)

@@ -25,7 +25,7 @@ class Settings(BaseSettings):
 
     stripe_api_key: str = "sk_test_local"
     stripe_api_base: str | None = None
-    stripe_webhook_secret: str = "whsec_local"
+    stripe_webhook_secret: str = "whsec_local"  # noqa: S105 - the documented local default
     stripe_max_rps: float = Field(default=25.0, gt=0)
     stripe_timeout_seconds: float = Field(default=10.0, gt=0)
 
@@ -102,7 +102,9 @@ def load_settings() -> Settings:
         message = err["msg"].removeprefix("Value error, ")
         name = ".".join(str(p) for p in err["loc"]).upper()
         # Cross-field checks have no single location; their message names the setting.
-        sys.exit(f"configuration error: {name}: {message}" if name else f"configuration error: {message}")
+        sys.exit(
+            f"configuration error: {name}: {message}" if name else f"configuration error: {message}"
+        )
 
 
 @functools.cache

@@ -26,7 +26,9 @@ def get_engine() -> Engine:
         max_overflow=10,
         pool_pre_ping=True,
         # A statement that waits this long on a lock is a bug or an outage, not load.
-        connect_args={"options": "-c timezone=UTC -c lock_timeout=10000 -c statement_timeout=30000"},
+        connect_args={
+            "options": "-c timezone=UTC -c lock_timeout=10000 -c statement_timeout=30000"
+        },
     )
 
 

@@ -18,7 +18,9 @@ import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session
 
-PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = os.environ.get(
+    "TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
 REDIS_HOST_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
 RUN_ID = uuid.uuid4().hex[:10]
 DB_NAME = f"refunds_test_{RUN_ID}"
@@ -57,7 +59,9 @@ def redis_db() -> Iterator[int]:
 
 
 @pytest.fixture(scope="session")
-def service_env(redis_db: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def service_env(
+    redis_db: int, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
     """The environment every process of this run (tests, web, workers) shares."""
     _admin_execute(f'CREATE DATABASE "{DB_NAME}"')
     database_url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{DB_NAME}"
@@ -95,7 +99,7 @@ def service_env(redis_db: int, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 @pytest.fixture(scope="session")
-def settings(service_env: dict[str, str]):  # noqa: ANN201
+def settings(service_env: dict[str, str]):
     from shared.config import get_settings
 
     return get_settings()

@@ -32,7 +32,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_http(url: str, timeout: float = 20.0, proc: subprocess.Popen[Any] | None = None) -> None:
+def wait_for_http(
+    url: str, timeout: float = 20.0, proc: subprocess.Popen[Any] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -58,7 +60,11 @@ class ServiceProcess:
     def start(self) -> ServiceProcess:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                self.argv, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                self.argv,
+                env=self.env,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         return self
@@ -91,29 +97,68 @@ class ServiceProcess:
         self.stop()
 
 
-def web_process(env: Mapping[str, str], log_dir: Path, *, workers: int = 2, port: int | None = None) -> tuple[ServiceProcess, str]:
+def web_process(
+    env: Mapping[str, str], log_dir: Path, *, workers: int = 2, port: int | None = None
+) -> tuple[ServiceProcess, str]:
     port = port or free_port()
     argv = [
-        str(BIN / "gunicorn"), "api.wsgi:app", "--bind", f"127.0.0.1:{port}",
-        "--workers", str(workers), "--worker-class", "gthread", "--threads", "4",
-        "--graceful-timeout", "5", "--log-level", "warning",
+        str(BIN / "gunicorn"),
+        "api.wsgi:app",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        str(workers),
+        "--worker-class",
+        "gthread",
+        "--threads",
+        "4",
+        "--graceful-timeout",
+        "5",
+        "--log-level",
+        "warning",
     ]
     return ServiceProcess("web", argv, env, log_dir), f"http://127.0.0.1:{port}"
 
 
-def worker_process(env: Mapping[str, str], log_dir: Path, *, name: str = "worker", concurrency: int = 2, pool: str = "threads") -> ServiceProcess:
+def worker_process(
+    env: Mapping[str, str],
+    log_dir: Path,
+    *,
+    name: str = "worker",
+    concurrency: int = 2,
+    pool: str = "threads",
+) -> ServiceProcess:
     argv = [
-        str(BIN / "celery"), "-A", "worker.app", "worker", "--loglevel", "INFO",
-        "--pool", pool, "--concurrency", str(concurrency), "--hostname", f"{name}-{os.getpid()}@%h",
-        "--without-mingle", "--without-gossip",
+        str(BIN / "celery"),
+        "-A",
+        "worker.app",
+        "worker",
+        "--loglevel",
+        "INFO",
+        "--pool",
+        pool,
+        "--concurrency",
+        str(concurrency),
+        "--hostname",
+        f"{name}-{os.getpid()}@%h",
+        "--without-mingle",
+        "--without-gossip",
     ]
     return ServiceProcess(name, argv, env, log_dir)
 
 
 def beat_process(env: Mapping[str, str], log_dir: Path, *, name: str = "beat") -> ServiceProcess:
     schedule = log_dir / f"{name}-schedule-{time.monotonic_ns()}"
-    argv = [str(BIN / "celery"), "-A", "worker.app", "beat", "--loglevel", "INFO",
-            "--schedule", str(schedule)]
+    argv = [
+        str(BIN / "celery"),
+        "-A",
+        "worker.app",
+        "beat",
+        "--loglevel",
+        "INFO",
+        "--schedule",
+        str(schedule),
+    ]
     return ServiceProcess(name, argv, env, log_dir)
 
 
@@ -133,8 +178,19 @@ class RedisServer:
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -181,7 +237,13 @@ def create_database(name: str) -> str:
     return url
 
 
-def token(settings: Settings, *, scopes: tuple[str, ...] = ("refunds:read", "refunds:write"), sub: str = "ops@example.com", ttl: int = 3600) -> str:
+def token(
+    settings: Settings,
+    *,
+    scopes: tuple[str, ...] = ("refunds:read", "refunds:write"),
+    sub: str = "ops@example.com",
+    ttl: int = 3600,
+) -> str:
     return issue_token(settings, subject=sub, scopes=list(scopes), ttl_seconds=ttl)
 
 
@@ -201,16 +263,23 @@ def seed_payment(
     """A payment (and its charge) as `refunds payments sync` would have stored it."""
     suffix = new_id("x")[2:]
     payment = Payment(
-        id=new_id("pay"), stripe_payment_intent_id=f"pi_{suffix}", amount=amount,
-        currency=currency, status=status,
+        id=new_id("pay"),
+        stripe_payment_intent_id=f"pi_{suffix}",
+        amount=amount,
+        currency=currency,
+        status=status,
     )
     session.add(payment)
     session.flush()
     charge = None
     if charge_status is not None:
         charge = Charge(
-            id=f"ch_{suffix}", payment_id=payment.id, amount=amount, currency=currency,
-            status=charge_status, disputed=disputed,
+            id=f"ch_{suffix}",
+            payment_id=payment.id,
+            amount=amount,
+            currency=currency,
+            status=charge_status,
+            disputed=disputed,
         )
         session.add(charge)
     session.commit()
@@ -218,23 +287,46 @@ def seed_payment(
 
 
 def seed_emulator_payments(
-    stack: Any, db: Session, count: int, *, amount: int = 5_000,
+    stack: Any,
+    db: Session,
+    count: int,
+    *,
+    amount: int = 5_000,
     payment_method: str = "pm_card_visa",
 ) -> list[str]:
     """Succeeded payments made at the emulator (``stack.admin``) and stored as payments
     sync would; their charge ids."""
     seeded = stack.admin.seed(count, amount=amount, payment_method=payment_method)
     for pi_id, charge_id in zip(seeded["payment_intents"], seeded["charges"], strict=True):
-        payment = Payment(id=new_id("pay"), stripe_payment_intent_id=pi_id, amount=amount,
-                          currency="usd", status="succeeded")
+        payment = Payment(
+            id=new_id("pay"),
+            stripe_payment_intent_id=pi_id,
+            amount=amount,
+            currency="usd",
+            status="succeeded",
+        )
         db.add(payment)
         db.flush()
-        db.add(Charge(id=charge_id, payment_id=payment.id, amount=amount, currency="usd",
-                      status="succeeded"))
+        db.add(
+            Charge(
+                id=charge_id,
+                payment_id=payment.id,
+                amount=amount,
+                currency="usd",
+                status="succeeded",
+            )
+        )
     db.commit()
     return list(seeded["charges"])
 
 
 def table_counts(session: Session) -> dict[str, int]:
-    tables = ("refunds", "refund_events", "idempotency_records", "payments", "charges", "stripe_events")
+    tables = (
+        "refunds",
+        "refund_events",
+        "idempotency_records",
+        "payments",
+        "charges",
+        "stripe_events",
+    )
     return {t: int(session.execute(text(f"SELECT count(*) FROM {t}")).scalar_one()) for t in tables}  # noqa: S608 - fixed names
