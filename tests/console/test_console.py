@@ -158,7 +158,8 @@ def test_refund_created_over_http_appears_and_succeeds(
     assert page.inner_text("#stripe-refund-id").startswith("re_")
     assert page.inner_text("#attempts") == "1"
     trail = page.inner_text("table.events")
-    assert "support@example.com" in trail and "worker" in trail
+    # Whoever records Stripe's answer first moves it: the worker, or Stripe's webhook.
+    assert "support@example.com" in trail and ("worker" in trail or "webhook" in trail)
     assert XSS in page.inner_text("main")  # shown as text, never run
     assert page.evaluate("window.__xss") is None
     payment_link = page.get_attribute("#payment-link", "href")
