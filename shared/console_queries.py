@@ -32,7 +32,7 @@ from shared.models import (
     RefundEvent,
     RefundStatus,
 )
-from shared.refunds import page_of_refunds
+from shared.refunds import could_be_refund_id, page_of_refunds
 from shared.transitions import record_event
 
 S = RefundStatus
@@ -46,7 +46,6 @@ FINISHED_WINDOW = timedelta(hours=24)
 ERROR_WINDOW = timedelta(hours=1)
 STUCK_LIST_LIMIT = 50
 RECONCILE_ACTION = "reconcile_now"
-ID_MAX = 255
 
 
 class RefundIsTerminal(RefundServiceError):
@@ -124,11 +123,6 @@ class RefundDetail:
 
 def _no_such_refund(refund_id: str) -> NotFound:
     return NotFound(f"No refund has the id '{refund_id[:80]}'.")
-
-
-def _could_be_an_id(value: str) -> bool:
-    # Postgres refuses NUL in text outright: such a value must not reach a query.
-    return 0 < len(value) <= ID_MAX and value.isprintable()
 
 
 def db_now(session: Session) -> datetime:
@@ -291,7 +285,7 @@ def list_refunds(
 def refund_detail(
     *, session: Session, refund_id: str, stuck_after_seconds: float, stuck_alert_seconds: float
 ) -> RefundDetail:
-    refund = session.get(Refund, refund_id) if _could_be_an_id(refund_id) else None
+    refund = session.get(Refund, refund_id) if could_be_refund_id(refund_id) else None
     if refund is None:
         raise _no_such_refund(refund_id)
     now = db_now(session)
@@ -350,7 +344,7 @@ def reconcile_now(*, session: Session, refund_id: str, actor: str) -> Reconciled
     reconcile pass polls Stripe for it instead. Only the audit trail is written here,
     with the status unchanged; the task is sent after the commit.
     """
-    if not _could_be_an_id(refund_id):
+    if not could_be_refund_id(refund_id):
         raise _no_such_refund(refund_id)
     status = session.scalar(select(Refund.status).where(Refund.id == refund_id).with_for_update())
     if status is None:

@@ -204,14 +204,14 @@ def _iso(value: datetime) -> str:
     return value.isoformat().replace("+00:00", "Z")
 
 
-def _could_be_refund_id(value: str) -> bool:
+def could_be_refund_id(value: str) -> bool:
     """False for strings no refund id can be; Postgres rejects NUL in text outright, so
     such ids must not reach a query (they would turn a 404 into a 500)."""
     return 0 < len(value) <= REFUND_ID_MAX and value.isascii() and value.isprintable()
 
 
 def get_refund(*, session: Session, refund_id: str) -> dict[str, Any]:
-    if not _could_be_refund_id(refund_id):
+    if not could_be_refund_id(refund_id):
         raise NotFound("No refund has that id.")
     refund = session.get(Refund, refund_id)
     if refund is None:
@@ -247,7 +247,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     if (
         position.tzinfo is None
         or not isinstance(refund_id, str)
-        or not _could_be_refund_id(refund_id)
+        or not could_be_refund_id(refund_id)
     ):
         raise InvalidCursor("cursor is not one this service returned")
     return position, refund_id
