@@ -18,7 +18,6 @@ from shared.models import Charge, Payment, Refund, RefundEvent, RefundStatus, ne
 from shared.rules import amount_to_refund, refundable_left
 from shared.transitions import record_event
 
-STRIPE_REASONS = frozenset({"duplicate", "fraudulent", "requested_by_customer"})
 REFUND_ID_MAX = 40  # refunds.id is String(40): no longer id exists
 
 
