@@ -2,9 +2,9 @@
 
 Registering this blueprint is all the instrumentation the views need: every
 request is counted and timed by route template, ``POST /v1/admin/refunds`` answers
-are counted by outcome, so are the tasks handed to the broker, and one JSON log line
-is written per request (probes and scrapes only when they fail), carrying
-request_id and refund_id.
+are counted by outcome (``shared.celery_app`` counts the tasks it hands to the
+broker), and one JSON log line is written per request (probes and scrapes only when
+they fail), carrying request_id and refund_id.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import time
 
-from celery.signals import after_task_publish
 from flask import Blueprint, Response, g, request
 
 from shared import logging as service_logging
@@ -24,14 +23,6 @@ access_log = logging.getLogger("api.access")
 
 CREATE_REFUND_ENDPOINT = "refunds.create_refund"
 QUIET_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
-
-
-def _published(sender: object = None, **_: object) -> None:
-    metrics.observe_task_published(str(sender))
-
-
-# Refunds created minus tasks published = enqueues that failed (the reconciler's work).
-after_task_publish.connect(_published, weak=False)
 
 
 @bp.get("/metrics")
@@ -64,8 +55,7 @@ def _observe(response: Response) -> Response:
         metrics.observe_refund_initiation(outcome)
         extra["outcome"] = outcome
         if response.status_code == 201:
-            body = response.get_json(silent=True) or {}
-            extra["refund_id"] = body.get("refund_id")
+            extra["refund_id"] = g.get("refund_id")
     if request.path in QUIET_PATHS and response.status_code < 500:
         return response
     caller = g.get("caller")

@@ -79,6 +79,7 @@ def create_refund() -> Response:
             idempotency_key=key,
             fingerprint=request_fingerprint(body.model_dump()),
         )
+    g.refund_id = result.refund_id  # for the request's log line
     if not result.replayed:
         enqueue_refund(result.refund_id)
     response = Response(json.dumps(result.body), status=result.status, mimetype="application/json")

@@ -6,9 +6,15 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
 
 from celery import Celery
 
+from shared import metrics
 from shared.config import get_settings
 
 log = logging.getLogger(__name__)
@@ -38,7 +44,11 @@ def make_celery() -> Celery:
         task_create_missing_queues=True,
         task_soft_time_limit=TASK_TIME_LIMIT_SECONDS - 30,
         task_time_limit=TASK_TIME_LIMIT_SECONDS,
-        task_send_sent_event=True,
+        # Workers send task events (received, started, succeeded...: what Flower shows);
+        # the API sends no "task-sent" event, which would double the cost of each enqueue
+        # (a second publish) and only tells Flower that a refund is queued, as the
+        # console and the refunds table do.
+        task_send_sent_event=False,
         worker_send_task_events=True,
         # Refund tasks wait on Stripe and Postgres, not the CPU: threads. Each task
         # opens its own DB connection and the Stripe client keeps one HTTP session per
@@ -80,19 +90,64 @@ def enqueue_refund(refund_id: str) -> bool:
     A failure here loses nothing: the pending row is the outbox and the reconciler
     enqueues it again, so the error is logged and reported, not raised.
     """
+    app = get_celery()
     try:
-        get_celery().send_task(
-            PROCESS_REFUND_TASK,
-            args=[refund_id],
-            retry=True,
-            retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
+        # The message Celery's ``send_task`` would send (same protocol, headers and
+        # routing: the default exchange delivers to the queue the key names), published
+        # by a producer this thread keeps. ``send_task`` spent about 0.6 ms of CPU per
+        # call in its own machinery (a pooled producer, signals, routing, a retry wrapper
+        # and a queue declaration each time), a fifth of a whole POST (make bench).
+        message = app.amqp.as_task_v2(str(uuid.uuid4()), PROCESS_REFUND_TASK, args=[refund_id])
+        _publisher()(
+            message.body,
+            exchange="",
+            routing_key=REFUNDS_QUEUE,
+            serializer="json",
+            delivery_mode="persistent",
+            headers=message.headers,
+            **message.properties,
         )
     except Exception:
         log.exception(
             "enqueue failed; the reconciler will pick the refund up", extra={"refund_id": refund_id}
         )
         return False
+    # Counted here: Celery's publish signals only fire for ``send_task``.
+    metrics.observe_task_published(PROCESS_REFUND_TASK)
     return True
+
+
+_thread_local = threading.local()
+
+
+def _publisher() -> Callable[..., Any]:
+    """This thread's ``Producer.publish``, wrapped once by ``Connection.ensure``: on a
+    lost broker connection it reconnects and publishes again (twice at most).
+
+    Kombu producers and channels are not thread-safe, so each thread keeps its own for
+    as long as it lives (a gunicorn or worker thread: the life of the process)."""
+    publish: Callable[..., Any] | None = getattr(_thread_local, "publish", None)
+    if publish is None:
+        app = get_celery()
+        connection = app.connection_for_write()
+        producer = connection.Producer()
+        # Declared once: a RabbitMQ queue must exist before the default exchange can
+        # deliver to it (the worker declares it too, but may not have started yet).
+        producer.maybe_declare(app.amqp.queues[REFUNDS_QUEUE])
+        publish = connection.ensure(
+            producer, producer.publish, max_retries=2, interval_start=0, interval_step=0.2
+        )
+        _thread_local.publish = publish
+    return publish
+
+
+def _forget_producers() -> None:
+    # A forked child must not share its parent's broker connection.
+    global _thread_local
+    _thread_local = threading.local()
+
+
+os.register_at_fork(after_in_child=_forget_producers)
 
 
 def enqueue_reconcile() -> bool:
@@ -106,4 +161,5 @@ def enqueue_reconcile() -> bool:
     except Exception:
         log.exception("enqueue of a reconcile pass failed")
         return False
+    metrics.observe_task_published(RECONCILE_TASK)
     return True

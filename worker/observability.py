@@ -52,6 +52,7 @@ def install(app: Celery) -> None:
     signals.task_failure.connect(_task_failure, weak=False)
     signals.task_rejected.connect(_task_rejected, weak=False)
     signals.task_revoked.connect(_task_revoked, weak=False)
+    # Celery's own publishes (a task's retries); ``enqueue_refund`` counts its own.
     signals.after_task_publish.connect(_after_publish, weak=False)
 
 
