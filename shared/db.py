@@ -5,7 +5,10 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
+import psycopg
+from psycopg.rows import namedtuple_row
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -46,3 +49,11 @@ def unit_of_work() -> Iterator[Session]:
     finally:
         session.rollback()
         session.close()
+
+
+def driver_cursor(session: Session) -> psycopg.Cursor[Any]:
+    """A psycopg cursor on the session's connection, inside its transaction, whose rows
+    have attributes. For the hot path only: a statement through it costs a third of the
+    CPU of ``session.execute`` (make bench); everything else goes through SQLAlchemy."""
+    connection = session.connection().connection.driver_connection
+    return connection.cursor(row_factory=namedtuple_row)
