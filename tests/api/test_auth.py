@@ -305,3 +305,42 @@ def test_tokens_the_jwks_server_must_refuse(jwks_api, keys, settings, case) -> N
     }[case]()
     resp = httpx.get(f"{jwks_api}{REFUNDS}", headers=bearer(token), timeout=10)
     assert_unauthorized(resp)
+
+
+# --- verified tokens are remembered (api.auth._verified), never beyond what they allow
+
+
+def test_a_remembered_token_still_expires(settings, monkeypatch) -> None:
+    from api import auth as api_auth
+    from shared.tokens import issue_token
+
+    token = issue_token(settings, subject="ops@example.com", scopes=["refunds:read"],
+                        ttl_seconds=60)
+    header = f"Bearer {token}"
+    assert api_auth.authenticate(header, settings).subject == "ops@example.com"  # verified
+    assert api_auth.authenticate(header, settings).subject == "ops@example.com"  # remembered
+
+    later = time.time() + 60 + api_auth.LEEWAY_SECONDS + 1
+    monkeypatch.setattr(api_auth.time, "time", lambda: later)
+    with pytest.raises(api_auth.ApiError) as refused:
+        api_auth.authenticate(header, settings)
+    assert refused.value.status == 401
+    assert "expired" in refused.value.message
+
+
+def test_a_remembered_token_is_checked_again_under_other_settings(settings) -> None:
+    from api import auth as api_auth
+    from shared.tokens import issue_token
+
+    token = issue_token(settings, subject="ops@example.com", scopes=["refunds:read"],
+                        ttl_seconds=60)
+    header = f"Bearer {token}"
+    assert api_auth.authenticate(header, settings).subject == "ops@example.com"
+
+    rotated = settings.model_copy(update={"jwt_secret": "another-secret-of-32-bytes-at-least!"})
+    with pytest.raises(api_auth.ApiError) as refused:
+        api_auth.authenticate(header, rotated)
+    assert refused.value.status == 401
+    audience = settings.model_copy(update={"jwt_audience": "someone-else"})
+    with pytest.raises(api_auth.ApiError):
+        api_auth.authenticate(header, audience)
