@@ -25,6 +25,7 @@ from werkzeug.exceptions import HTTPException
 from api.console import format as fmt
 from api.console.chart import per_minute_chart
 from api.console.session import (
+    CONSOLE_PATH,
     CSRF_FIELD,
     LoginRefused,
     check_csrf,
@@ -47,7 +48,7 @@ from shared.refunds import InvalidCursor
 bp = Blueprint(
     "console",
     __name__,
-    url_prefix="/console",
+    url_prefix=CONSOLE_PATH,
     template_folder="templates",
     static_folder="static",
     static_url_path="/static",
