@@ -1,0 +1,66 @@
+"""``enqueue_refund`` writes to Redis exactly what kombu's Redis transport would.
+
+The API pushes its task messages onto the broker's list itself (``shared.celery_app``);
+if a kombu upgrade changed its envelope, this comparison fails before a worker
+misreads a message. (That workers run what it pushes is shown by every worker test.)
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from kombu import Connection
+
+from shared.celery_app import PROCESS_REFUND_TASK, _push_to_redis_list, get_celery
+
+
+@pytest.fixture
+def broker(service_env: dict[str, str]) -> Iterator[tuple[redis.Redis, str]]:
+    client = redis.Redis.from_url(service_env["REDIS_URL"])
+    queue = f"test-enqueue-{uuid.uuid4().hex}"  # a list of this test's own
+    yield client, queue
+    client.delete(queue)
+
+
+def _pop(client: redis.Redis, queue: str) -> dict[str, Any]:
+    raw = client.rpop(queue)
+    assert raw is not None, "nothing was pushed"
+    return json.loads(raw)
+
+
+def test_the_envelope_is_kombus_own(broker: tuple[redis.Redis, str]) -> None:
+    client, queue = broker
+    app = get_celery()
+    message = app.amqp.as_task_v2(str(uuid.uuid4()), PROCESS_REFUND_TASK, args=["rf_test"])
+
+    with Connection(app.conf.broker_url) as connection:
+        connection.Producer().publish(
+            message.body,
+            exchange="",
+            routing_key=queue,
+            serializer="json",
+            delivery_mode="persistent",
+            headers=message.headers,
+            **message.properties,
+        )
+    by_kombu = _pop(client, queue)
+    _push_to_redis_list(client, queue, message)
+    by_us = _pop(client, queue)
+
+    assert by_us.keys() == by_kombu.keys()
+    assert by_us["headers"] == by_kombu["headers"]
+    assert by_us["headers"]["task"] == PROCESS_REFUND_TASK
+    assert base64.b64decode(by_us["body"]) == base64.b64decode(by_kombu["body"])
+    assert json.loads(base64.b64decode(by_us["body"]))[0] == ["rf_test"]
+    for name in ("content-type", "content-encoding"):
+        assert by_us[name] == by_kombu[name]
+    ours, theirs = by_us["properties"], by_kombu["properties"]
+    assert ours.keys() == theirs.keys()
+    assert ours.pop("delivery_tag") != theirs.pop("delivery_tag")  # one per message
+    assert ours == theirs
