@@ -62,6 +62,9 @@ class Run:
         self.requests = [
             self._encode(head, charge, args.amount, args.reason) for charge in payments
         ]
+        if args.get:  # the HTTP stack alone: one tokenless GET, over and over
+            get = f"GET {args.get} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n\r\n"
+            self.requests = [get.encode()]
         # With --idempotency-keys every request carries a key of its own, as a careful
         # client's would: a fresh one per refund, never a replay.
         self.key_prefix = (
@@ -179,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reason", default="requested_by_customer")
     parser.add_argument("--expect", type=int, default=201, help="the status that is not an error")
     parser.add_argument("--ids", action="store_true", help="list the refund ids created")
+    parser.add_argument("--get", metavar="PATH",
+                        help="send GET PATH instead of refunds (with --expect 200)")
     parser.add_argument("--idempotency-keys", action="store_true",
                         help="send a fresh Idempotency-Key with every request")
     parser.add_argument("--key-prefix", default=f"bench-{os.getpid()}-{int(time.time())}",

@@ -219,7 +219,7 @@ class Bench:
     def loadgen(self, payments: Path, connections: int, *, duration: float | None = None,
                 requests: int | None = None, amount: int = REFUND_AMOUNT,
                 meter: bool = False, profile: str | None = None,
-                idempotency_keys: bool = False) -> dict[str, Any]:
+                idempotency_keys: bool = False, get: str | None = None) -> dict[str, Any]:
         """Run the load generator as its own process; with ``meter``, the CPU each
         process kind used in the middle of the run is added as ``cpu_cores``."""
         argv = [sys.executable, "-m", "bench.loadgen", "--url", self.url,
@@ -229,6 +229,8 @@ class Bench:
             "--requests", str(requests)]
         if idempotency_keys:
             argv.append("--idempotency-keys")
+        if get is not None:
+            argv += ["--get", get, "--expect", "200"]
         env = {**self.env, "LOADGEN_TOKEN": self.token}
         proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE)  # noqa: S603
         cpu = None
@@ -410,6 +412,17 @@ class Bench:
             self.result["initiation_with_idempotency_key"] = out
             log(f"initiation with Idempotency-Key @{k}: {out['requests_per_s']}/s,"
                 f" p99 {out['latency_ms']['p99']} ms, errors {out['errors']}")
+
+    def http_floor(self, share: list[str]) -> None:
+        """GET /healthz at the highest connection count: what gunicorn and Flask alone
+        serve on this machine (no token, no database, no broker), the ceiling any
+        endpoint of this stack could reach."""
+        c = self.config
+        k = max(c.connections)
+        path = self.write_lines("floor.txt", share[:1])
+        out = self.loadgen(path, k, duration=c.seconds, meter=True, get="/healthz")
+        self.result["http_floor"] = out
+        log(f"GET /healthz @{k}: {out['requests_per_s']}/s, p99 {out['latency_ms']['p99']} ms")
 
     def baseline(self, share: list[str]) -> None:
         c = self.config
@@ -657,6 +670,7 @@ class Bench:
         self.setup()
         shares = self.slices()
         self.initiation(shares)
+        self.http_floor(shares["baseline"])
         self.baseline(shares["baseline"])
         self.zero_latency_drain()
         self.end_to_end(shares["e2e"])
@@ -679,6 +693,10 @@ class Bench:
         base = self.result["baseline"]
         ratio = init.get("requests_per_s", 0) / base["ops_per_s"] if base["ops_per_s"] else 0.0
         self.result["ratio_initiation_to_baseline"] = round(ratio, 3)
+        floor = self.result.get("http_floor", {}).get("requests_per_s", 0)
+        self.result["ratio_http_floor_to_baseline"] = (
+            round(floor / base["ops_per_s"], 3) if base["ops_per_s"] else 0.0
+        )
         drain = self.result["drain"]["worker_rss_mb"]
         self.result["targets"] = {
             f"initiation@{top} >= 0.6 x baseline": ratio >= 0.6,
