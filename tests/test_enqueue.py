@@ -17,7 +17,13 @@ import pytest
 import redis
 from kombu import Connection
 
-from shared.celery_app import PROCESS_REFUND_TASK, _push_to_redis_list, get_celery
+from shared.celery_app import (
+    PROCESS_REFUND_TASK,
+    _push_to_redis_list,
+    _redis_list_client,
+    enqueue_refund,
+    get_celery,
+)
 
 
 @pytest.fixture
@@ -64,3 +70,28 @@ def test_the_envelope_is_kombus_own(broker: tuple[redis.Redis, str]) -> None:
     assert ours.keys() == theirs.keys()
     assert ours.pop("delivery_tag") != theirs.pop("delivery_tag")  # one per message
     assert ours == theirs
+
+
+def test_the_message_is_the_one_send_task_sends(
+    broker: tuple[redis.Redis, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Headers decide how a worker runs the task (e.g. ``ignore_result``: False would
+    make workers store every result), so they must be what ``send_task`` sends."""
+    client, queue = broker
+    assert _redis_list_client() is not None  # the tests' broker is Redis
+    get_celery().send_task(PROCESS_REFUND_TASK, args=["rf_test"], queue=queue)
+    by_celery = _pop(client, queue)
+    monkeypatch.setattr("shared.celery_app.REFUNDS_QUEUE", queue)
+    assert enqueue_refund("rf_test")
+    by_us = _pop(client, queue)
+
+    ids = ("id", "root_id", "origin")
+    assert {k: v for k, v in by_us["headers"].items() if k not in ids} == {
+        k: v for k, v in by_celery["headers"].items() if k not in ids
+    }
+    assert by_us["headers"]["ignore_result"] is None
+    assert base64.b64decode(by_us["body"]) == base64.b64decode(by_celery["body"])
+    per_message = ("correlation_id", "reply_to", "delivery_tag")
+    assert {k: v for k, v in by_us["properties"].items() if k not in per_message} == {
+        k: v for k, v in by_celery["properties"].items() if k not in per_message
+    }
