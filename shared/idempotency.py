@@ -11,11 +11,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import text, update
+from psycopg.types.json import Jsonb
 from sqlalchemy.orm import Session
 
+from shared.db import driver_cursor
 from shared.errors import IdempotencyKeyReused
-from shared.models import IdempotencyRecord
 
 KEY_TTL_HOURS = 24
 
@@ -31,21 +31,24 @@ def request_fingerprint(body: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-_CLAIM = text(
-    """
+# Plain SQL on the session's psycopg connection, like the rest of the refund's
+# transaction (``shared.refunds``): careful callers send a key with every POST.
+_CLAIM = """
     INSERT INTO idempotency_records (subject, key, request_hash)
-    VALUES (:subject, :key, :hash)
+    VALUES (%(subject)s, %(key)s, %(hash)s)
     ON CONFLICT (subject, key) DO UPDATE
         SET request_hash = EXCLUDED.request_hash, response_status = NULL,
             response_body = NULL, created_at = now()
-        WHERE idempotency_records.created_at < now() - make_interval(hours => :ttl)
+        WHERE idempotency_records.created_at < now() - make_interval(hours => %(ttl)s)
     RETURNING key
-    """
-)
-
-_READ = text(
+"""
+_READ = (
     "SELECT request_hash, response_status, response_body FROM idempotency_records "
-    "WHERE subject = :subject AND key = :key"
+    "WHERE subject = %(subject)s AND key = %(key)s"
+)
+_STORE = (
+    "UPDATE idempotency_records SET response_status = %(status)s, response_body = %(body)s "
+    "WHERE subject = %(subject)s AND key = %(key)s"
 )
 
 
@@ -54,9 +57,11 @@ def claim(session: Session, *, subject: str, key: str, fingerprint: str) -> Stor
 
     Raises IdempotencyKeyReused when the key was used with another body."""
     params = {"subject": subject, "key": key, "hash": fingerprint, "ttl": KEY_TTL_HOURS}
-    if session.execute(_CLAIM, params).first() is not None:
+    cursor = driver_cursor(session)
+    if cursor.execute(_CLAIM, params).fetchone() is not None:
         return None
-    row = session.execute(_READ, params).one()
+    row = cursor.execute(_READ, params).fetchone()
+    assert row is not None  # the row that conflicted: records are replaced, never deleted
     if row.request_hash != fingerprint:
         raise IdempotencyKeyReused(
             "This Idempotency-Key was already used with a different request body. "
@@ -66,8 +71,7 @@ def claim(session: Session, *, subject: str, key: str, fingerprint: str) -> Stor
 
 
 def store(session: Session, *, subject: str, key: str, response: StoredResponse) -> None:
-    session.execute(
-        update(IdempotencyRecord)
-        .where(IdempotencyRecord.subject == subject, IdempotencyRecord.key == key)
-        .values(response_status=response.status, response_body=response.body)
+    driver_cursor(session).execute(
+        _STORE,
+        {"status": response.status, "body": Jsonb(response.body), "subject": subject, "key": key},
     )
