@@ -21,6 +21,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger(__name__)
 
 LEEWAY_SECONDS = 30
+NUMERIC_DATE_CLAIMS = ("exp", "nbf", "iat")
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,12 @@ def _verify(token: str, settings: Settings) -> tuple[Caller, float]:
         raise _unauthorized("The token has expired; get a new one.") from exc
     except jwt.PyJWTError as exc:
         raise _unauthorized(f"The token was rejected: {exc}.") from exc
+    for name in NUMERIC_DATE_CLAIMS:
+        # PyJWT also takes a string of digits; RFC 7519 says a NumericDate is a number,
+        # and an issuer that sends a string has a bug worth hearing about.
+        value = claims.get(name)
+        if name in claims and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise _unauthorized(f"The token's '{name}' claim must be a number of seconds.")
     subject = claims.get("sub")
     if not isinstance(subject, str) or not subject or len(subject) > 255:
         raise _unauthorized("The token's 'sub' claim must name the caller.")

@@ -92,6 +92,8 @@ def bad_tokens(settings) -> dict[str, dict[str, str]]:
         "missing exp": bearer(hs256(settings, exp=None)),
         "missing sub": bearer(hs256(settings, sub=None)),
         "not yet valid": bearer(hs256(settings, nbf=int(time.time()) + 600)),
+        "exp as a string": bearer(hs256(settings, exp=str(int(time.time()) + 300))),
+        "iat as a string": bearer(hs256(settings, iat=str(int(time.time())))),
     }
 
 
@@ -108,6 +110,8 @@ BAD_TOKEN_CASES = [
     "missing exp",
     "missing sub",
     "not yet valid",
+    "exp as a string",
+    "iat as a string",
 ]
 
 
