@@ -24,9 +24,9 @@ test: install
 	$(BIN)/python -m pytest -q
 
 # The proofs of README.md's Guarantees, at length: 1000 fuzzed examples per operation
-# and mode, 60 rounds of racing refunds (make test runs 25 and 10).
+# and mode and of signed webhook events, 60 rounds of racing refunds (make test: 25, 10).
 test-long: install
-	FUZZ_EXAMPLES=1000 OVER_REFUND_ROUNDS=60 $(BIN)/python -m pytest -q -s tests/fuzz tests/chaos/test_over_refund.py
+	FUZZ_EXAMPLES=1000 OVER_REFUND_ROUNDS=60 $(BIN)/python -m pytest -q -s tests/fuzz tests/payments/test_webhook_fuzz.py tests/chaos/test_over_refund.py
 
 # Four minutes of refunds while workers are SIGKILLed, Redis and Postgres restart and
 # Stripe fails; exits 1 on any violation (tests/chaos/runner.py). Vary it with

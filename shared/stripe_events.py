@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 SIGNATURE_TOLERANCE_SECONDS = 300
 EVENT_ID_MAX = 255
 EVENT_TYPE_MAX = 100
+STATUS_MAX = 40  # payments.status and charges.status are String(40)
 
 
 class InvalidSignature(RefundServiceError):
@@ -59,27 +60,74 @@ def verify_event(payload: bytes, signature: str | None, secret: str) -> dict[str
         raise InvalidPayload("The body is not a Stripe event (a JSON object).") from exc
     event_id, event_type = event.get("id"), event.get("type")
     data = event.get("data")
-    if not (isinstance(event_id, str) and 0 < len(event_id) <= EVENT_ID_MAX):
+    if not _is_name(event_id, EVENT_ID_MAX):
         raise InvalidPayload("The event has no valid id.")
-    if not (isinstance(event_type, str) and 0 < len(event_type) <= EVENT_TYPE_MAX):
+    if not _is_name(event_type, EVENT_TYPE_MAX):
         raise InvalidPayload("The event has no valid type.")
     if not (isinstance(data, Mapping) and isinstance(data.get("object"), Mapping)):
         raise InvalidPayload("The event has no data.object.")
+    if event_type in HANDLERS:
+        _object_id(data["object"])
     return event
 
 
 # Handlers: (session, the event's object, gateway) -> None ----------------------------
 
 
+def _is_name(value: Any, longest: int) -> bool:
+    """Stripe's ids and event types: printable ASCII (Postgres refuses a NUL outright)."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= longest
+        and value.isascii()
+        and value.isprintable()
+    )
+
+
+def _object_id(obj: Mapping[str, Any]) -> str:
+    """The id of the object an event is about; every object a handler reads has one."""
+    value = obj.get("id")
+    if not _is_name(value, EVENT_ID_MAX):
+        raise InvalidPayload("The event's data.object has no valid id.")
+    return str(value)
+
+
+def _is_amount(value: Any, *, optional: bool = False) -> bool:
+    if value is None:
+        return optional
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+
+
+def _is_snapshot(obj: Mapping[str, Any]) -> bool:
+    """Whether an event's object carries the fields a payment or charge is stored from,
+    each of the type Stripe sends. One that does not (a field missing, as in thin
+    events, or malformed) is not trusted: the object is read from Stripe instead."""
+    status, currency, pi = obj.get("status"), obj.get("currency"), obj.get("payment_intent")
+    if isinstance(pi, Mapping):
+        pi = pi.get("id")
+    return (
+        isinstance(status, str)
+        and 0 < len(status) <= STATUS_MAX
+        and isinstance(currency, str)
+        and len(currency) == 3
+        and currency.isascii()
+        and currency.isalpha()
+        and _is_amount(obj.get("amount"))
+        and _is_amount(obj.get("amount_received"), optional=True)
+        and _is_amount(obj.get("amount_captured"), optional=True)
+        and (pi is None or _is_name(pi, EVENT_ID_MAX))
+    )
+
+
 def _on_payment_intent(session: Session, pi: Mapping[str, Any], gateway: StripeGateway) -> None:
-    if "status" not in pi or "amount" not in pi or "currency" not in pi:
-        pi = payments.as_dict(gateway.retrieve_payment_intent(str(pi["id"])))
+    if not _is_snapshot(pi):
+        pi = payments.as_dict(gateway.retrieve_payment_intent(_object_id(pi)))
     payments.apply_payment_intent(session, pi, gateway=gateway)
 
 
 def _charge_snapshot(ch: Mapping[str, Any], gateway: StripeGateway) -> Mapping[str, Any]:
-    if "status" not in ch or "currency" not in ch:
-        return payments.as_dict(gateway.retrieve_charge(str(ch["id"])))
+    if not _is_snapshot(ch):
+        return payments.as_dict(gateway.retrieve_charge(_object_id(ch)))
     return ch
 
 
@@ -92,7 +140,7 @@ def _on_charge_refunded(session: Session, ch: Mapping[str, Any], gateway: Stripe
     # The event's own list of refunds may be absent (not expanded) or cut short:
     # ask Stripe for all of this charge's refunds and apply what it says.
     payments.apply_refunds(
-        session, gateway.iter_refunds(charge_id=str(ch["id"])), gateway=gateway, actor="webhook"
+        session, gateway.iter_refunds(charge_id=_object_id(ch)), gateway=gateway, actor="webhook"
     )
 
 
@@ -100,7 +148,7 @@ def _on_dispute(session: Session, dispute: Mapping[str, Any], gateway: StripeGat
     charge = dispute.get("charge")
     if isinstance(charge, Mapping):
         charge = charge.get("id")
-    if not charge:
+    if not _is_name(charge, EVENT_ID_MAX):
         log.warning("dispute event without a charge", extra={"dispute": dispute.get("id")})
         return
     if not payments.mark_disputed(session, str(charge)):
@@ -110,7 +158,7 @@ def _on_dispute(session: Session, dispute: Mapping[str, Any], gateway: StripeGat
 
 def _on_refund(session: Session, refund: Mapping[str, Any], gateway: StripeGateway) -> None:
     payments.apply_refunds(
-        session, [gateway.retrieve_refund(str(refund["id"]))], gateway=gateway, actor="webhook"
+        session, [gateway.retrieve_refund(_object_id(refund))], gateway=gateway, actor="webhook"
     )
 
 
