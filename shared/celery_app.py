@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import redis
 from celery import Celery
-from kombu import serialization
+from kombu import Exchange, Queue, serialization
 
 from shared import metrics
 from shared.config import get_settings
@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 PROCESS_REFUND_TASK = "refunds.process"
 RECONCILE_TASK = "refunds.reconcile"
 REFUNDS_QUEUE = "refunds"
+#: Reconcile passes have a queue of their own, so that one never waits behind a
+#: backlog of refunds (after an outage, exactly when it is needed). Every worker
+#: consumes both; kombu takes from them in turn.
+RECONCILE_QUEUE = "refunds.reconcile"
 
 #: Longest retry countdown a task may schedule; visibility timeout must exceed it.
 MAX_RETRY_COUNTDOWN_SECONDS = 300
@@ -45,8 +49,13 @@ def make_celery() -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_default_queue=REFUNDS_QUEUE,
-        task_queues=None,
-        task_create_missing_queues=True,
+        # What task_create_missing_queues would make of each name: a direct exchange
+        # and a queue of that name.
+        task_queues=[
+            Queue(name, Exchange(name), routing_key=name)
+            for name in (REFUNDS_QUEUE, RECONCILE_QUEUE)
+        ],
+        task_routes={RECONCILE_TASK: {"queue": RECONCILE_QUEUE}},
         task_soft_time_limit=TASK_TIME_LIMIT_SECONDS - 30,
         task_time_limit=TASK_TIME_LIMIT_SECONDS,
         # Workers send task events (received, started, succeeded...: what Flower shows);

@@ -19,6 +19,9 @@ from kombu import Connection
 
 from shared.celery_app import (
     PROCESS_REFUND_TASK,
+    RECONCILE_QUEUE,
+    RECONCILE_TASK,
+    REFUNDS_QUEUE,
     _push_to_redis_list,
     _redis_list_client,
     enqueue_refund,
@@ -95,3 +98,11 @@ def test_the_message_is_the_one_send_task_sends(
     assert {k: v for k, v in by_us["properties"].items() if k not in per_message} == {
         k: v for k, v in by_celery["properties"].items() if k not in per_message
     }
+
+
+def test_reconcile_passes_have_a_queue_of_their_own_that_every_worker_reads() -> None:
+    app = get_celery()
+    assert app.amqp.router.route({}, RECONCILE_TASK)["queue"].name == RECONCILE_QUEUE
+    assert app.amqp.router.route({}, PROCESS_REFUND_TASK)["queue"].name == REFUNDS_QUEUE
+    # A worker started without -Q consumes every queue in task_queues.
+    assert {q.name for q in app.conf.task_queues} == {REFUNDS_QUEUE, RECONCILE_QUEUE}
