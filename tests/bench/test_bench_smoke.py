@@ -57,6 +57,10 @@ def test_bench_prints_every_figure_and_no_request_fails(tmp_path: Path) -> None:
     keyed = printed["initiation_with_idempotency_key"]
     assert keyed["ok"] > 0 and keyed["errors"] == 0, keyed["statuses"]
 
+    floor = printed["http_floor"]
+    assert floor["ok"] > 0 and floor["errors"] == 0, floor["statuses"]
+    assert printed["ratio_http_floor_to_baseline"] > 0
+
     baseline = printed["baseline"]
     assert baseline["ops"] > 0 and baseline["errors"] == 0
     assert printed["ratio_initiation_to_baseline"] > 0
