@@ -159,7 +159,7 @@ def _redis_list_client() -> redis.Redis | None:
 def _push_to_redis_list(client: redis.Redis, queue: str, message: Any) -> None:
     """What kombu's Redis transport does for a message to the default exchange: LPUSH
     its envelope onto the list named after the queue (priority 0 has no suffix).
-    ``tests/worker/test_enqueue.py`` checks the envelope against kombu's own."""
+    ``tests/test_enqueue.py`` checks the envelope against kombu's own."""
     content_type, content_encoding, body = serialization.dumps(message.body, serializer="json")
     envelope = {
         "body": base64.b64encode(body.encode() if isinstance(body, str) else body).decode(),
