@@ -45,7 +45,15 @@ class Settings(BaseSettings):
     retry_base_seconds: float = Field(default=2.0, gt=0)
     retry_max_seconds: float = Field(default=300.0, gt=0)
     max_attempts: int = Field(default=8, ge=1)
-    worker_concurrency: int = Field(default=8, ge=1, le=64)
+    # Threads of one worker process (the Procfile's threads pool). A refund holds a thread
+    # while it waits for Stripe (300 ms or more) and a few ms of CPU otherwise, so a high
+    # count is what keeps Stripe's limit busy from one process (make bench).
+    worker_concurrency: int = Field(default=64, ge=1, le=256)
+    # Postgres connections one process keeps for the worker's claim/record statements.
+    worker_db_connections: int = Field(default=8, ge=1, le=64)
+    # How long a claim keeps other workers off a refund: longer than any one attempt
+    # (a lookup, a wait for the rate limiter and a create, each bounded) can last.
+    claim_lease_seconds: float = Field(default=90.0, gt=0)
 
     port: int = Field(default=8000, ge=1, le=65535)
     max_request_bytes: int = Field(default=64 * 1024, gt=0)
@@ -78,6 +86,11 @@ class Settings(BaseSettings):
             raise ValueError("JWT_SECRET must be at least 32 bytes (HS256 needs a 256-bit key)")
         if len(self.console_secret_key.encode()) < 32:
             raise ValueError("CONSOLE_SECRET_KEY must be at least 32 bytes")
+        if self.claim_lease_seconds < 2 * (self.stripe_timeout_seconds + 5):
+            # An attempt is a lookup and a create, each after at most 5 s in the limiter.
+            raise ValueError(
+                "CLAIM_LEASE_SECONDS must outlast an attempt: 2 x (STRIPE_TIMEOUT_SECONDS + 5)"
+            )
         if self.flower_url is not None and not self.flower_url.startswith(("http://", "https://")):
             raise ValueError("FLOWER_URL must be an http:// or https:// URL")
         return self
@@ -85,6 +98,11 @@ class Settings(BaseSettings):
     @property
     def broker_url(self) -> str:
         return self.celery_broker_url or self.redis_url
+
+    @property
+    def libpq_url(self) -> str:
+        """DATABASE_URL as psycopg itself takes it (no SQLAlchemy driver suffix)."""
+        return "postgresql://" + self.sqlalchemy_url.removeprefix("postgresql+psycopg://")
 
     @property
     def sqlalchemy_url(self) -> str:

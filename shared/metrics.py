@@ -23,7 +23,6 @@ import os
 import re
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import stripe
@@ -142,20 +141,6 @@ def stripe_endpoint(url: str) -> str:
 
 def observe_stripe_call(*, method: str, endpoint: str, status: int | str, seconds: float) -> None:
     STRIPE_LATENCY.labels(method.upper(), endpoint, str(status)).observe(seconds)
-
-
-@contextmanager
-def stripe_call_timer(method: str, endpoint: str) -> Iterator[None]:
-    """Time a Stripe call made outside the Stripe adapter; its HTTP status is not known here."""
-    start = time.perf_counter()
-    status = "error"
-    try:
-        yield
-        status = "ok"
-    finally:
-        observe_stripe_call(
-            method=method, endpoint=endpoint, status=status, seconds=time.perf_counter() - start
-        )
 
 
 class StripeHttpClient(stripe.RequestsClient):

@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -102,6 +103,9 @@ class Refund(Base):
     initiated_by: Mapped[str] = mapped_column(String(255), nullable=False)
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     last_error: Mapped[str | None] = mapped_column(Text)
+    #: While in the future, one worker holds the refund's send (SPEC 6); set by the claim,
+    #: cleared when Stripe's answer is recorded, simply left to lapse if the worker dies.
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = _now_column()
     updated_at: Mapped[datetime] = _now_column()
 
@@ -151,4 +155,16 @@ class StripeEvent(Base):
 
     id: Mapped[str] = mapped_column(String(255), primary_key=True)
     type: Mapped[str] = mapped_column(String(100), nullable=False)
+    #: The event's ``data.object``, kept until it is applied (SPEC 3.3).
+    payload: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     received_at: Mapped[datetime] = _now_column()
+    #: NULL while the event waits for a worker (it needs a call to Stripe).
+    applied_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index(
+            "ix_stripe_events_unapplied",
+            "received_at",
+            postgresql_where=text("applied_at IS NULL"),
+        ),
+    )

@@ -1,22 +1,24 @@
 """Sending one refund to Stripe (SPEC 6): the use case behind ``refunds.process``.
 
-Why a refund is never sent twice:
+A refund is a claim, one Stripe call and one recording statement, and no database
+connection is held while Stripe is being waited for:
 
-1. Only one process sends a given refund at a time. The sender holds a Postgres
-   advisory lock keyed by the refund id for the whole attempt (claim, lookup, create,
-   record); a second delivery of the same task finds the lock taken and stands down.
-   It is not a row lock, so the API, webhooks and the reconciler are never blocked
-   behind a slow Stripe call, and it dies with the sender's connection, so a killed
-   worker never leaves it behind.
-2. Every attempt is counted in the claim (``attempts + 1``, committed before Stripe is
-   called). Any attempt after the first first asks Stripe for a refund carrying our
-   ``metadata.refund_id`` and adopts it: an earlier attempt may have been applied by
-   Stripe with the answer lost, and Stripe forgets idempotency keys after 24 h.
-3. ``Refund.create`` always goes out with the refund's stored idempotency key and the
-   same parameters, so Stripe itself folds repeats within 24 h into one refund.
+1. **Claim** (one statement, committed): a ``pending`` refund whose lease is free gets
+   a lease (``lease_expires_at``, longer than any attempt can last) and ``attempts + 1``.
+   A second delivery of the same task finds the lease taken and stands down.
+2. **Stripe**, with the connection back in the pool. ``Refund.create`` always carries
+   the refund's stored idempotency key and the same parameters, so Stripe folds repeats
+   within 24 h into one refund; and any attempt after the first asks Stripe first for a
+   refund carrying our ``metadata.refund_id`` and adopts it, since an earlier attempt may
+   have gone through with its answer lost, and Stripe forgets keys after 24 h. So even
+   a lease that lapsed under a very slow Stripe cannot make a second refund.
+3. **Record** (one statement): Stripe's answer, the move and its audit event, and the
+   lease released.
 
-A refund whose outcome is unknown stays ``pending`` (SPEC 5): transient errors are
-retried with bounded, jittered backoff, then the reconciler takes over.
+Only a request that may have reached Stripe is an attempt: when the shared rate limiter
+holds a request back, the claim is given back as it was (no attempt, no lookup next
+time). A refund whose outcome is unknown stays ``pending`` (SPEC 5): it is retried with
+bounded, jittered backoff, then left to the reconciler.
 """
 
 from __future__ import annotations
@@ -24,19 +26,19 @@ from __future__ import annotations
 import enum
 import logging
 import random
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, select, update
-from sqlalchemy.orm import Session
+from psycopg.types.json import Jsonb
 
 from shared.celery_app import MAX_RETRY_COUNTDOWN_SECONDS
 from shared.config import get_settings
-from shared.db import get_engine
-from shared.models import Payment, Refund, RefundStatus
-from shared.refund_updates import apply_stripe_refund
+from shared.db import get_pool
+from shared.models import RefundStatus
+from shared.rate_limit import RateLimited
+from shared.refund_updates import STRIPE_STATUS, failure_text
 from shared.stripe_gateway import (
     GATEWAY_ERRORS,
     ErrorKind,
@@ -45,21 +47,22 @@ from shared.stripe_gateway import (
     classify_error,
     get_gateway,
 )
-from shared.transitions import record_event, transition
+from shared.transitions import move
 
 log = logging.getLogger(__name__)
 
 ACTOR = "worker"
-#: First key of the two-int advisory locks that stand for "sending this refund".
-SEND_LOCK_NAMESPACE = 7_310_001
+S = RefundStatus
 
 
 class Outcome(enum.StrEnum):
-    #: Stripe gave an answer and the refund now reflects it (any status, ``failed`` included).
-    DONE = "done"
+    #: Stripe accepted the refund (it is ``succeeded``, ``processing`` or ``requires_action``).
+    SUCCEEDED = "succeeded"
+    #: Stripe refused it for good, or failed or canceled it: the refund is ``failed``/``canceled``.
+    FAILED = "failed"
     #: Nothing to do: the refund is past ``pending``, unknown, or being sent by another worker.
     SKIPPED = "skipped"
-    #: Outcome unknown or Stripe busy; ``retry_in`` says when to try again.
+    #: Outcome unknown, or Stripe or our rate limiter busy; ``retry_in`` says when to retry.
     RETRY = "retry"
     #: Still unknown after the last retry: left ``pending`` for the reconciler.
     LEFT_FOR_RECONCILER = "left_for_reconciler"
@@ -85,6 +88,7 @@ class _Claim:
     reason: str | None
     idempotency_key: str
     stripe_refund_id: str | None
+    lease_expires_at: datetime
 
 
 def process_refund(
@@ -97,19 +101,21 @@ def process_refund(
     and when to leave the refund to the reconciler.
     """
     gateway = gateway or get_gateway()
-    with _send_lock(refund_id) as (held, connection):
-        if not held:
-            log.info("refund is being sent by another worker", extra={"refund_id": refund_id})
-            return Result(Outcome.SKIPPED)
-        with Session(bind=connection, expire_on_commit=False) as session:
-            claim = _claim(session, refund_id)
-            if claim is None:
-                return Result(Outcome.SKIPPED)
-            try:
-                stripe_refund = _send(gateway, claim)
-            except GATEWAY_ERRORS as exc:
-                return _on_error(session, gateway, claim, classify_error(exc), retries=retries)
-            return _record(session, claim, stripe_refund)
+    claim = _claim(refund_id)
+    if claim is None:
+        log.info("refund is not pending or is being sent by another worker; nothing to send",
+                 extra={"refund_id": refund_id})
+        return Result(Outcome.SKIPPED)
+    try:
+        stripe_refund = _send(gateway, claim)
+    except RateLimited as exc:
+        # Held back here, before anything left for Stripe: not an attempt.
+        _give_back(claim)
+        return Result(Outcome.RETRY, retry_in=_after_rate_limit(exc.retry_after),
+                      error=classify_error(exc).describe())
+    except GATEWAY_ERRORS as exc:
+        return _on_error(gateway, claim, classify_error(exc), retries=retries)
+    return _record(claim, stripe_refund)
 
 
 def retry_countdown(retries: int, retry_after: float | None = None) -> float:
@@ -129,73 +135,71 @@ def retry_countdown(retries: int, retry_after: float | None = None) -> float:
     return min(countdown, cap)
 
 
-# -- steps ---------------------------------------------------------------------------
+def _after_rate_limit(retry_after: float) -> float:
+    """When to try again after our own limiter said wait: soon, spread over a second so
+    that the waiting refunds do not come back as one herd."""
+    return retry_after + random.uniform(0, 1)  # noqa: S311 - jitter, not security
 
 
-@contextmanager
-def _send_lock(refund_id: str) -> Iterator[tuple[bool, Connection]]:
-    """A session-level advisory lock on a connection kept for the whole attempt."""
-    key = (SEND_LOCK_NAMESPACE, func.hashtext(refund_id))
-    with get_engine().connect() as connection:
-        held = bool(connection.scalar(select(func.pg_try_advisory_lock(*key))))
-        connection.commit()
-        released = not held
-        try:
-            yield held, connection
-        finally:
-            if held:
-                try:
-                    connection.rollback()
-                    released = bool(connection.scalar(select(func.pg_advisory_unlock(*key))))
-                    connection.commit()
-                except Exception:
-                    log.exception("could not release the send lock", extra={"refund_id": refund_id})
-            if not released:
-                # Never hand a connection that may still hold the lock back to the pool:
-                # closing it for good is what releases the lock.
-                connection.invalidate()
+# -- statements ------------------------------------------------------------------------
+
+_CLAIM_SQL = """
+UPDATE refunds r
+SET attempts = r.attempts + 1,
+    lease_expires_at = now() + make_interval(secs => %(lease)s),
+    updated_at = now()
+FROM payments p
+WHERE r.id = %(refund_id)s
+  AND r.status = 'pending'
+  AND (r.lease_expires_at IS NULL OR r.lease_expires_at <= now())
+  AND p.id = r.payment_id
+RETURNING r.attempts, r.amount, r.charge_id, p.stripe_payment_intent_id, r.reason,
+          r.stripe_idempotency_key, r.stripe_refund_id, r.lease_expires_at
+"""
+
+# Only while this claim's lease is still the refund's: a lapsed lease may be another's.
+_GIVE_BACK_SQL = """
+UPDATE refunds SET attempts = attempts - 1, lease_expires_at = NULL
+WHERE id = %(refund_id)s AND status = 'pending' AND lease_expires_at = %(lease)s
+"""
+
+_NOTE_ERROR_SQL = """
+UPDATE refunds SET last_error = %(error)s, lease_expires_at = NULL, updated_at = now()
+WHERE id = %(refund_id)s AND status = 'pending'
+"""
 
 
-def _claim(session: Session, refund_id: str) -> _Claim | None:
-    """Count this attempt, if the refund is still ``pending``; commits at once so the
-    count survives whatever happens next."""
-    row = session.execute(
-        update(Refund)
-        .where(Refund.id == refund_id, Refund.status == RefundStatus.PENDING)
-        .values(attempts=Refund.attempts + 1, updated_at=func.now())
-        .returning(
-            Refund.attempts, Refund.amount, Refund.charge_id, Refund.payment_id, Refund.reason,
-            Refund.stripe_idempotency_key, Refund.stripe_refund_id,
-        )
-    ).first()
+def _execute(sql: str, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
+    """One statement on a pooled autocommit connection, handed back at once; its first
+    row, if it returns any."""
+    with get_pool().connection() as connection:
+        cursor = connection.execute(sql, params)  # type: ignore[arg-type]
+        return cursor.fetchone() if cursor.description else None
+
+
+def _claim(refund_id: str) -> _Claim | None:
+    lease = get_settings().claim_lease_seconds
+    row = _execute(_CLAIM_SQL, {"refund_id": refund_id, "lease": lease})
     if row is None:
-        session.rollback()
-        log.info("refund is not pending; nothing to send", extra={"refund_id": refund_id})
         return None
-    payment_intent_id = session.scalar(
-        select(Payment.stripe_payment_intent_id).where(Payment.id == row.payment_id)
-    )
-    session.commit()
-    return _Claim(
-        refund_id=refund_id,
-        attempts=row.attempts,
-        amount=row.amount,
-        charge_id=row.charge_id,
-        payment_intent_id=payment_intent_id,
-        reason=row.reason,
-        idempotency_key=row.stripe_idempotency_key,
-        stripe_refund_id=row.stripe_refund_id,
-    )
+    return _Claim(refund_id, *row)
 
 
-def _send(gateway: StripeGateway, claim: _Claim) -> Any:
+def _give_back(claim: _Claim) -> None:
+    _execute(_GIVE_BACK_SQL, {"refund_id": claim.refund_id, "lease": claim.lease_expires_at})
+
+
+# -- steps -----------------------------------------------------------------------------
+
+
+def _send(gateway: StripeGateway, claim: _Claim) -> Mapping[str, Any]:
     if claim.stripe_refund_id is not None:
         return gateway.retrieve_refund(claim.stripe_refund_id)
     if claim.attempts > 1:
         found = _find(gateway, claim)
         if found is not None:
             log.info("adopted the Stripe refund an earlier attempt made",
-                     extra={"refund_id": claim.refund_id, "stripe_refund_id": found.id})
+                     extra={"refund_id": claim.refund_id, "stripe_refund_id": found["id"]})
             return found
     return gateway.create_refund(
         refund_id=claim.refund_id,
@@ -207,7 +211,7 @@ def _send(gateway: StripeGateway, claim: _Claim) -> Any:
     )
 
 
-def _find(gateway: StripeGateway, claim: _Claim) -> Any:
+def _find(gateway: StripeGateway, claim: _Claim) -> Mapping[str, Any] | None:
     return gateway.find_refund(
         refund_id=claim.refund_id,
         charge_id=claim.charge_id,
@@ -215,17 +219,40 @@ def _find(gateway: StripeGateway, claim: _Claim) -> Any:
     )
 
 
-def _record(session: Session, claim: _Claim, stripe_refund: Any) -> Result:
-    apply_stripe_refund(session, stripe_refund, actor=ACTOR)
-    status = session.scalar(select(Refund.status).where(Refund.id == claim.refund_id))
-    session.commit()
+def _record(claim: _Claim, stripe_refund: Mapping[str, Any]) -> Result:
+    """Stripe's answer, the move, its audit event and the lease released: one statement."""
+    stripe_id = str(stripe_refund["id"])
+    stripe_status = str(stripe_refund["status"])
+    if stripe_refund.get("amount") != claim.amount:
+        log.error("Stripe refund amount differs from ours",
+                  extra={"refund_id": claim.refund_id, "stripe_refund_id": stripe_id,
+                         "amount": claim.amount, "stripe_amount": stripe_refund.get("amount")})
+    target = STRIPE_STATUS.get(stripe_status)
+    if target is None:
+        log.warning("unknown Stripe refund status %r; left pending", stripe_status,
+                    extra={"refund_id": claim.refund_id})
+        target = S.PENDING  # not a move: only the Stripe id is kept
+    fields = {"failure_reason": failure_text(stripe_refund)} if target is S.FAILED else {}
+    with get_pool().connection() as connection:
+        moved = move(
+            connection.cursor(),
+            claim.refund_id,
+            target,
+            actor=ACTOR,
+            detail={"stripe_refund_id": stripe_id, "stripe_status": stripe_status,
+                    "attempt": claim.attempts},
+            fields=fields,
+            always={"stripe_refund_id": stripe_id, "lease_expires_at": None},
+        )
+    status = moved.status if moved is not None else None
     log.info("refund sent", extra={"refund_id": claim.refund_id, "status": status,
-                                   "stripe_refund_id": stripe_refund.id})
-    return Result(Outcome.DONE, status=status)
+                                   "stripe_refund_id": stripe_id})
+    outcome = Outcome.FAILED if status in (S.FAILED, S.CANCELED) else Outcome.SUCCEEDED
+    return Result(outcome, status=status)
 
 
 def _on_error(
-    session: Session, gateway: StripeGateway, claim: _Claim, failure: StripeFailure, *, retries: int
+    gateway: StripeGateway, claim: _Claim, failure: StripeFailure, *, retries: int
 ) -> Result:
     if failure.kind in (ErrorKind.DEFINITE, ErrorKind.KEY_CONFLICT):
         # A definite "no" to this request is not yet a definite "no" to the refund: an
@@ -238,66 +265,61 @@ def _on_error(
             failure = classify_error(exc)
         else:
             if found is not None:
-                return _record(session, claim, found)
+                return _record(claim, found)
             if failure.kind is ErrorKind.DEFINITE:
-                return _fail(session, claim, failure)
+                return _fail(claim, failure)
 
-    _note_error(session, claim.refund_id, failure)
     if failure.kind is ErrorKind.TRANSIENT:
         if retries + 1 < get_settings().max_attempts:
+            _execute(_NOTE_ERROR_SQL, {"refund_id": claim.refund_id, "error": failure.describe()})
             log.warning("Stripe outcome unknown; will retry",
                         extra={"refund_id": claim.refund_id, "error": failure.describe()})
-            session.commit()
             return Result(Outcome.RETRY, retry_in=retry_countdown(retries, failure.retry_after),
                           error=failure.describe())
         log.warning("Stripe outcome still unknown after the last retry; the reconciler takes over",
                     extra={"refund_id": claim.refund_id, "error": failure.describe()})
-        _record_pending_event(session, claim, failure, "left for the reconciler")
-        session.commit()
+        _stay_pending(claim, failure, "left for the reconciler")
         return Result(Outcome.LEFT_FOR_RECONCILER, error=failure.describe())
     log.error("Stripe refused our credentials or idempotency key; refund held for a person",
               extra={"refund_id": claim.refund_id, "error": failure.describe()})
-    _record_pending_event(session, claim, failure, "held: needs a person")
-    session.commit()
+    _stay_pending(claim, failure, "held: needs a person")
     return Result(Outcome.HELD, error=failure.describe())
 
 
-def _fail(session: Session, claim: _Claim, failure: StripeFailure) -> Result:
-    transition(
-        session,
-        claim.refund_id,
-        RefundStatus.FAILED,
-        actor=ACTOR,
-        detail={"code": failure.code, "http_status": failure.http_status,
-                "attempt": claim.attempts},
-        failure_reason=failure.describe(),
-        last_error=failure.describe(),
-    )
-    status = session.scalar(select(Refund.status).where(Refund.id == claim.refund_id))
-    session.commit()
+def _fail(claim: _Claim, failure: StripeFailure) -> Result:
+    with get_pool().connection() as connection:
+        moved = move(
+            connection.cursor(),
+            claim.refund_id,
+            S.FAILED,
+            actor=ACTOR,
+            detail={"code": failure.code, "http_status": failure.http_status,
+                    "attempt": claim.attempts},
+            fields={"failure_reason": failure.describe()},
+            always={"last_error": failure.describe(), "lease_expires_at": None},
+        )
+    status = moved.status if moved is not None else None
     log.info("Stripe refused the refund", extra={"refund_id": claim.refund_id,
                                                  "code": failure.code, "status": status})
-    return Result(Outcome.DONE, status=status, error=failure.describe())
+    return Result(Outcome.FAILED, status=status, error=failure.describe())
 
 
-def _note_error(session: Session, refund_id: str, failure: StripeFailure) -> None:
-    session.execute(
-        update(Refund)
-        .where(Refund.id == refund_id, Refund.status == RefundStatus.PENDING)
-        .values(last_error=failure.describe(), updated_at=func.now())
-    )
+_STAY_PENDING_SQL = """
+WITH noted AS (
+    UPDATE refunds SET last_error = %(error)s, lease_expires_at = NULL, updated_at = now()
+    WHERE id = %(refund_id)s AND status = 'pending'
+    RETURNING id
+)
+INSERT INTO refund_events (refund_id, from_status, to_status, actor, detail)
+SELECT id, 'pending', 'pending', %(actor)s, %(detail)s FROM noted
+"""
 
 
-def _record_pending_event(
-    session: Session, claim: _Claim, failure: StripeFailure, note: str
-) -> None:
+def _stay_pending(claim: _Claim, failure: StripeFailure, note: str) -> None:
     """Audit why a refund is still ``pending`` when the worker stops trying."""
-    record_event(
-        session,
-        refund_id=claim.refund_id,
-        from_status=RefundStatus.PENDING,
-        to_status=RefundStatus.PENDING,
-        actor=ACTOR,
-        detail={"note": note, "error": failure.describe(), "kind": failure.kind,
-                "attempt": claim.attempts},
-    )
+    detail = {"note": note, "error": failure.describe(), "kind": str(failure.kind),
+              "attempt": claim.attempts}
+    _execute(_STAY_PENDING_SQL, {
+        "refund_id": claim.refund_id, "error": failure.describe(), "actor": ACTOR,
+        "detail": Jsonb(detail),
+    })

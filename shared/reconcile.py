@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from shared.celery_app import enqueue_refund
@@ -130,7 +130,12 @@ def _requeue_stuck_pending(enqueue: Callable[[str], bool]) -> int:
         ids = list(
             session.scalars(
                 select(Refund.id)
-                .where(Refund.status == RefundStatus.PENDING, Refund.updated_at < older)
+                .where(
+                    Refund.status == RefundStatus.PENDING,
+                    Refund.updated_at < older,
+                    # A live lease: a worker is sending it right now.
+                    or_(Refund.lease_expires_at.is_(None), Refund.lease_expires_at <= func.now()),
+                )
                 .order_by(Refund.updated_at)
                 .limit(BATCH_SIZE)
                 .with_for_update(skip_locked=True)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
 from celery import Task
+from psycopg_pool import PoolTimeout
 
 from shared import processing
 from shared.celery_app import PROCESS_REFUND_TASK, RECONCILE_TASK, get_celery
@@ -12,15 +14,25 @@ from shared.reconcile import reconcile_once
 
 app = get_celery()
 
+#: Postgres unreachable or its connection lost: the refund stays as it was committed,
+#: and the task comes back after a pause (the reconciler would find it too).
+DATABASE_ERRORS = (psycopg.OperationalError, PoolTimeout)
+
 
 # Retries are bounded by processing (MAX_ATTEMPTS), which also records the hand-over
 # to the reconciler; Celery's own limit would end the task without recording it.
 @app.task(name=PROCESS_REFUND_TASK, bind=True, max_retries=None)
 def process_refund(self: Task, refund_id: str) -> str:
-    result = processing.process_refund(str(refund_id), retries=self.request.retries or 0)
+    retries = self.request.retries or 0
+    try:
+        result = processing.process_refund(str(refund_id), retries=retries)
+    except DATABASE_ERRORS as exc:
+        raise self.retry(countdown=processing.retry_countdown(retries), exc=exc) from exc
     if result.outcome is processing.Outcome.RETRY:
         raise self.retry(countdown=result.retry_in)
-    return str(result.outcome)
+    # The refund's status afterwards when it has one (refunds_processed_total), else what
+    # the attempt came to (skipped, held, left_for_reconciler).
+    return str(result.status or result.outcome)
 
 
 @app.task(name=RECONCILE_TASK)

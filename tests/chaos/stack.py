@@ -43,11 +43,12 @@ FAST_SETTINGS = {
     "RETRY_MAX_SECONDS": "2",  # [300]
     "MAX_ATTEMPTS": "5",  # [8]
     "STRIPE_TIMEOUT_SECONDS": "2",  # [10]
+    "CLAIM_LEASE_SECONDS": "15",  # [90]: a killed worker's refund waits this long
     "RECONCILE_INTERVAL_SECONDS": "1",  # [60]
     "STUCK_AFTER_SECONDS": "3",  # [300]
     "STUCK_ALERT_SECONDS": "60",  # [3600]
     "STRIPE_MAX_RPS": "500",  # [25]
-    "WORKER_CONCURRENCY": "4",  # [8]
+    "WORKER_CONCURRENCY": "4",  # [64]
     "WORKER_METRICS_PORT": "0",  # several workers share the machine
     "LOG_LEVEL": "INFO",
 }

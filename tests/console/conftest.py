@@ -58,6 +58,7 @@ STACK_SETTINGS = {
     "RETRY_MAX_SECONDS": "0.3",  # [300]
     "MAX_ATTEMPTS": "2",  # [8]
     "STRIPE_TIMEOUT_SECONDS": "2",  # [10]
+    "CLAIM_LEASE_SECONDS": "15",  # [90]: a killed worker's refund waits this long
     "STRIPE_MAX_RPS": "500",  # [25]
 }
 

@@ -52,10 +52,11 @@ FAST_SETTINGS = {
     "RETRY_MAX_SECONDS": "1",  # [300]
     "MAX_ATTEMPTS": "4",  # [8]
     "STRIPE_TIMEOUT_SECONDS": "2",  # [10]
+    "CLAIM_LEASE_SECONDS": "15",  # [90]: a killed worker's refund waits this long
     "RECONCILE_INTERVAL_SECONDS": "1",  # [60]
     "STUCK_AFTER_SECONDS": "2",  # [300]
     "STRIPE_MAX_RPS": "500",  # [25]
-    "WORKER_CONCURRENCY": "4",  # [8]
+    "WORKER_CONCURRENCY": "4",  # [64]
 }
 #: How long the asynchronous test cards take at the emulator.
 CARD_DELAY = 1.0

@@ -11,9 +11,22 @@ from shared.celery_app import MAX_RETRY_COUNTDOWN_SECONDS
 from shared.config import Settings
 from shared.processing import retry_countdown
 from shared.rate_limit import RateLimited
-from shared.stripe_gateway import ErrorKind, classify_error
+from shared.stripe_gateway import ErrorKind, UnexpectedAnswer, classify_error
 
 T, D, A, K = ErrorKind.TRANSIENT, ErrorKind.DEFINITE, ErrorKind.AUTH, ErrorKind.KEY_CONFLICT
+
+
+def _stripe_says(cls: type[stripe.StripeError], message: str, status: int, *,
+                 error_type: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None) -> stripe.StripeError:
+    """The error the SDK raises for a Stripe error body (``{"error": {...}}``)."""
+    body = {"error": {"type": error_type, "message": message, "code": code, "param": param}}
+    kwargs = {"http_status": status, "json_body": body}
+    if cls is stripe.CardError:
+        return stripe.CardError(message, param, code, **kwargs)
+    if cls is stripe.InvalidRequestError:
+        return stripe.InvalidRequestError(message, param, code=code, **kwargs)
+    return cls(message, code=code, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -23,29 +36,43 @@ T, D, A, K = ErrorKind.TRANSIENT, ErrorKind.DEFINITE, ErrorKind.AUTH, ErrorKind.
         (stripe.RateLimitError("Too many", http_status=429, code="rate_limit"), T, "rate_limit"),
         (stripe.APIError("An unknown error occurred", http_status=500), T, "http_500"),
         (stripe.APIError("Unavailable", http_status=503), T, "http_503"),
-        (stripe.InvalidRequestError("in progress", None, code="idempotency_key_in_use",
-                                    http_status=409), T, "idempotency_key_in_use"),
+        (_stripe_says(stripe.InvalidRequestError, "in progress", 409,
+                      code="idempotency_key_in_use"), T, "idempotency_key_in_use"),
+        # Stripe's own lock on the charge timed out: nothing says the refund was not made.
+        (_stripe_says(stripe.InvalidRequestError, "lock timeout", 409, code="lock_timeout"),
+         T, "lock_timeout"),
+        # A request timeout, from Stripe or a proxy in between: unknown.
+        (stripe.APIError("Request Timeout", http_status=408), T, "http_408"),
+        (_stripe_says(stripe.InvalidRequestError, "timeout", 408), T, "http_408"),
+        # A 4xx from something in between (no Stripe error body): unknown, never definite.
+        (stripe.InvalidRequestError("<html>Bad Request</html>", None, http_status=400), T,
+         "http_400"),
+        (stripe.APIError("Not Found", http_status=404), T, "http_404"),
+        # A 2xx whose body is not Stripe's JSON: the SDK's "Invalid response body".
+        (stripe.APIError("Invalid response body from API", http_status=200), T, "http_200"),
+        (UnexpectedAnswer("Stripe's answer did not carry a refund.", http_status=200), T,
+         "http_200"),
         (RateLimited(retry_after=0.5), T, "rate_limited"),
-        (stripe.InvalidRequestError("Refund amount is greater than unrefunded amount", "amount",
-                                    code="amount_too_large", http_status=400),
-         D, "amount_too_large"),
-        (stripe.InvalidRequestError("Charge ch_1 has already been refunded.", "charge",
-                                    code="charge_already_refunded", http_status=400),
+        (_stripe_says(stripe.InvalidRequestError,
+                      "Refund amount is greater than unrefunded amount", 400,
+                      code="amount_too_large", param="amount"), D, "amount_too_large"),
+        (_stripe_says(stripe.InvalidRequestError, "Charge ch_1 has already been refunded.", 400,
+                      code="charge_already_refunded", param="charge"),
          D, "charge_already_refunded"),
-        (stripe.InvalidRequestError("No such charge: 'ch_x'", "charge",
-                                    code="resource_missing", http_status=404),
-         D, "resource_missing"),
-        (stripe.CardError("Your card was declined.", None, "card_declined", http_status=402),
-         D, "card_declined"),
-        (stripe.AuthenticationError("Invalid API Key provided: sk_test_****1234",
-                                    http_status=401), A, "authentication_error"),
-        (stripe.PermissionError("The provided key does not have access", http_status=403),
+        (_stripe_says(stripe.InvalidRequestError, "No such charge: 'ch_x'", 404,
+                      code="resource_missing", param="charge"), D, "resource_missing"),
+        (_stripe_says(stripe.CardError, "Your card was declined.", 402, error_type="card_error",
+                      code="card_declined"), D, "card_declined"),
+        (_stripe_says(stripe.AuthenticationError, "Invalid API Key provided: sk_test_****1234",
+                      401), A, "authentication_error"),
+        (_stripe_says(stripe.PermissionError, "The provided key does not have access", 403),
          A, "authentication_error"),
-        (stripe.IdempotencyError("Keys for idempotent requests can only be used with the same "
-                                 "parameters", http_status=400), K, "idempotency_error"),
+        (_stripe_says(stripe.IdempotencyError, "Keys for idempotent requests can only be used "
+                      "with the same parameters", 400, error_type="idempotency_error"),
+         K, "idempotency_error"),
     ],
 )
-def test_only_a_definite_stripe_answer_can_fail_a_refund(
+def test_only_a_4xx_with_a_stripe_error_body_is_definite(
     error: stripe.StripeError, kind: ErrorKind, code: str
 ) -> None:
     failure = classify_error(error)
