@@ -7,7 +7,9 @@ import time
 from collections import Counter
 from typing import Any
 
-FAIL_STATUSES = (500, 502, 503, 429)
+#: ``fail_next`` answers: Stripe's own errors (5xx, 429, a 409 ``lock_timeout``) and what a
+#: proxy in between may say instead (408, 400 without a Stripe error body).
+FAIL_STATUSES = (500, 502, 503, 429, 409, 408, 400)
 
 
 class FaultError(ValueError):
@@ -84,6 +86,7 @@ class Faults:
             self.fail_next: _Countdown | None = None
             self.timeout_next: _Countdown | None = None
             self.drop_after_apply_next: _Countdown | None = None
+            self.garble_after_apply_next: _Countdown | None = None
 
     def update(self, spec: Any) -> None:
         """Merge ``spec`` into the current faults; a field set to null is cleared."""
@@ -95,6 +98,7 @@ class Faults:
             "fail_next",
             "timeout_next",
             "drop_after_apply_next",
+            "garble_after_apply_next",
         }
         unknown = set(spec) - known
         if unknown:
@@ -115,7 +119,9 @@ class Faults:
             fail = spec["fail_next"]
             status = fail.get("status", 500) if isinstance(fail, dict) else None
             if status not in FAIL_STATUSES:
-                raise FaultError("fail_next.status must be one of 500, 502, 503, 429")
+                raise FaultError(
+                    "fail_next.status must be one of " + ", ".join(map(str, FAIL_STATUSES))
+                )
             changes["fail_next"] = _Countdown(fail, "fail_next", status=status)
         elif "fail_next" in spec:
             changes["fail_next"] = None
@@ -134,6 +140,12 @@ class Faults:
             )
         elif "drop_after_apply_next" in spec:
             changes["drop_after_apply_next"] = None
+        if spec.get("garble_after_apply_next") is not None:
+            changes["garble_after_apply_next"] = _Countdown(
+                spec["garble_after_apply_next"], "garble_after_apply_next"
+            )
+        elif "garble_after_apply_next" in spec:
+            changes["garble_after_apply_next"] = None
         with self._lock:
             for name, value in changes.items():
                 setattr(self, name, value)
@@ -155,6 +167,11 @@ class Faults:
                 "drop_after_apply_next": (
                     self.drop_after_apply_next.as_dict()
                     if self.drop_after_apply_next and self.drop_after_apply_next.count
+                    else None
+                ),
+                "garble_after_apply_next": (
+                    self.garble_after_apply_next.as_dict()
+                    if self.garble_after_apply_next and self.garble_after_apply_next.count
                     else None
                 ),
             }
@@ -195,6 +212,9 @@ class Faults:
 
     def take_drop(self, method: str, path: str) -> bool:
         return self._take("drop_after_apply_next", method, path) is not None
+
+    def take_garble(self, method: str, path: str) -> bool:
+        return self._take("garble_after_apply_next", method, path) is not None
 
 
 class Stats:

@@ -106,9 +106,24 @@ def _json(value: Any) -> bytes:
     return json.dumps(value).encode("utf-8")
 
 
+#: What a proxy between the client and Stripe answers: not Stripe's JSON.
+_PROXY_ANSWERS = {
+    408: b"<html><body><h1>408 Request Time-out</h1></body></html>",
+    400: b"<html><body><h1>400 Bad Request</h1></body></html>",
+}
+
+
 def _injected_error(status: int) -> StripeError:
     if status == 429:
         return _rate_limit_error()
+    if status == 409:
+        return StripeError(
+            409,
+            "This object cannot be accessed right now because another API request or Stripe "
+            "process is currently accessing it. (injected by the emulator)",
+            code="lock_timeout",
+            saved=False,
+        )
     messages = {
         500: "An unknown error occurred. (injected by the emulator)",
         502: "Bad gateway. (injected by the emulator)",
@@ -208,6 +223,9 @@ class EmulatorApp:
         status = self.faults.take_fail(method, path)
         if status is not None:
             self.stats.count_fault("fail_next")
+            if status in _PROXY_ANSWERS:
+                nap()
+                return Response(status, _PROXY_ANSWERS[status], {"Content-Type": "text/html"})
             return error(_injected_error(status))
         seconds = self.faults.take_timeout(method, path)
         if seconds is not None:
@@ -291,6 +309,11 @@ class EmulatorApp:
         if self.faults.take_drop(method, path):
             self.stats.count_fault("drop_after_apply_next")
             return CLOSE
+        if isinstance(answer, Response) and self.faults.take_garble(method, path):
+            # Applied and saved, but the body arrives cut short (a broken proxy, a
+            # truncated read): a 200 the client cannot parse.
+            self.stats.count_fault("garble_after_apply_next")
+            return Response(200, answer.body[: len(answer.body) // 2], answer.headers)
         return answer
 
     # -------------------------------------------------------------- admin API

@@ -68,7 +68,7 @@ def classify_error(exc: Exception) -> StripeFailure:
     if not isinstance(exc, stripe.StripeError):
         raise TypeError(f"not a Stripe error: {type(exc).__name__}")
     status = exc.http_status
-    code = exc.code
+    code = exc.code or _stripe_error_code(exc)
     message = (exc.user_message or type(exc).__name__).strip()
     if isinstance(exc, stripe.APIConnectionError) or status is None:
         # The request may or may not have reached Stripe: unknown, never definite.
@@ -87,10 +87,21 @@ def classify_error(exc: Exception) -> StripeFailure:
     return StripeFailure(ErrorKind.DEFINITE, code or "invalid_request_error", message, status)
 
 
-def _has_stripe_error_body(exc: stripe.StripeError) -> bool:
+def _stripe_error(exc: stripe.StripeError) -> dict[str, Any] | None:
+    """The ``error`` object of a Stripe error body, if the answer carried one."""
     body = exc.json_body
     error = body.get("error") if isinstance(body, dict) else None
-    return isinstance(error, dict) and isinstance(error.get("type"), str)
+    return error if isinstance(error, dict) and isinstance(error.get("type"), str) else None
+
+
+def _has_stripe_error_body(exc: stripe.StripeError) -> bool:
+    return _stripe_error(exc) is not None
+
+
+def _stripe_error_code(exc: stripe.StripeError) -> str | None:
+    # The SDK leaves ``code`` empty on some classes (a 409's) though the body has one.
+    code = (_stripe_error(exc) or {}).get("code")
+    return code if isinstance(code, str) else None
 
 
 def _retry_after(exc: stripe.StripeError) -> float | None:

@@ -168,13 +168,16 @@ def _clear_caches() -> None:
     """Forget clients built from the previous settings (the engine: another database)."""
     from shared.celery_app import get_celery
     from shared.config import get_settings
-    from shared.db import _session_factory, get_engine
+    from shared.db import _session_factory, get_engine, get_pool
     from shared.rate_limit import get_limiter
     from shared.stripe_gateway import get_gateway
 
     if get_engine.cache_info().currsize:
         get_engine().dispose()
-    caches = (get_settings, get_engine, _session_factory, get_gateway, get_limiter, get_celery)
+    if get_pool.cache_info().currsize:
+        get_pool().close()
+    caches = (get_settings, get_engine, get_pool, _session_factory, get_gateway, get_limiter,
+              get_celery)
     for cached in caches:
         cached.cache_clear()
 
