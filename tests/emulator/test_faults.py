@@ -166,6 +166,7 @@ def test_faults_merge_show_and_clear(emu: EmulatorProcess) -> None:
         "fail_next": None,
         "timeout_next": None,
         "drop_after_apply_next": None,
+        "garble_after_apply_next": None,
     }
     for bad in (
         {"fail_next": {"status": 418}},
