@@ -99,8 +99,9 @@ class Admin:
         - ``latency_ms``: added to every Stripe API call.
         - ``rate_limit_rps``: token bucket over all Stripe API calls; beyond it 429 ``rate_limit``
           with ``Retry-After: 1``. ``None`` turns it off.
-        - ``fail_next={"status": 500|502|503|429|409|408|400, "count": N, "path_prefix": "/v1/refunds",
-          "method": "POST"}``: the next N matching requests get that error and change nothing.
+        - ``fail_next={"status": 500|502|503|429|409|408|400, "count": N,
+          "path_prefix": "/v1/refunds", "method": "POST"}``: the next N matching requests get
+          that error and change nothing.
         - ``timeout_next={"count": N, "seconds": S, "path_prefix": ..., "method": ...}``:
           hang S seconds, then close the connection without an answer; nothing is applied.
         - ``drop_after_apply_next={"count": N, "path_prefix": ..., "method": ...}``: apply the

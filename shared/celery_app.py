@@ -26,7 +26,11 @@ log = logging.getLogger(__name__)
 
 PROCESS_REFUND_TASK = "refunds.process"
 RECONCILE_TASK = "refunds.reconcile"
+APPLY_STRIPE_EVENT_TASK = "refunds.apply_stripe_event"
 REFUNDS_QUEUE = "refunds"
+#: Stripe events that need a call to Stripe to be applied (SPEC 3.3): a queue of their
+#: own, so a burst of events and a backlog of refunds never wait behind each other.
+STRIPE_EVENTS_QUEUE = "refunds.stripe_events"
 #: Reconcile passes have a queue of their own, so that one never waits behind a
 #: backlog of refunds (after an outage, exactly when it is needed). Every worker
 #: consumes both; kombu takes from them in turn.
@@ -53,9 +57,12 @@ def make_celery() -> Celery:
         # and a queue of that name.
         task_queues=[
             Queue(name, Exchange(name), routing_key=name)
-            for name in (REFUNDS_QUEUE, RECONCILE_QUEUE)
+            for name in (REFUNDS_QUEUE, RECONCILE_QUEUE, STRIPE_EVENTS_QUEUE)
         ],
-        task_routes={RECONCILE_TASK: {"queue": RECONCILE_QUEUE}},
+        task_routes={
+            RECONCILE_TASK: {"queue": RECONCILE_QUEUE},
+            APPLY_STRIPE_EVENT_TASK: {"queue": STRIPE_EVENTS_QUEUE},
+        },
         task_soft_time_limit=TASK_TIME_LIMIT_SECONDS - 30,
         task_time_limit=TASK_TIME_LIMIT_SECONDS,
         # Workers send task events (received, started, succeeded...: what Flower shows);
@@ -210,6 +217,20 @@ def _forget_producers() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_producers)
+
+
+def enqueue_stripe_event(event_id: str) -> bool:
+    """Ask a worker to apply a stored Stripe event. Call only after it is committed; a
+    failure loses nothing (the reconciler sends unapplied events again)."""
+    try:
+        get_celery().send_task(
+            APPLY_STRIPE_EVENT_TASK, args=[event_id], retry=True, retry_policy={"max_retries": 2}
+        )
+    except Exception:
+        log.exception("enqueue of a Stripe event failed; the reconciler will send it")
+        return False
+    metrics.observe_task_published(APPLY_STRIPE_EVENT_TASK)
+    return True
 
 
 def enqueue_reconcile() -> bool:

@@ -5,7 +5,8 @@ One pass:
    message, a crashed worker, a flushed broker: the pending row is the outbox);
 2. asks Stripe about refunds it still holds as ``pending``/``requires_action`` (our
    ``processing``/``requires_action``) and moves ours on;
-3. reports refunds unfinished for longer than STUCK_ALERT_SECONDS, at error level.
+3. sends Stripe events stored but never applied to the workers again (SPEC 3.3);
+4. reports refunds unfinished for longer than STUCK_ALERT_SECONDS, at error level.
 
 A Postgres advisory lock makes passes exclusive across processes and machines, and
 rows are taken with ``SKIP LOCKED``, so a pass never waits behind other work.
@@ -22,12 +23,13 @@ from typing import Any
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
-from shared.celery_app import enqueue_refund
+from shared.celery_app import enqueue_refund, enqueue_stripe_event
 from shared.config import get_settings
 from shared.db import get_engine, unit_of_work
 from shared.models import TERMINAL_STATUSES, Payment, Refund, RefundStatus
 from shared.rate_limit import RateLimited
 from shared.refund_updates import apply_stripe_refund
+from shared.stripe_events import unapplied_event_ids
 from shared.stripe_gateway import GATEWAY_ERRORS, StripeGateway, classify_error, get_gateway
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ def reconcile_once(
             return {"skipped": True}
         requeued = _requeue_stuck_pending(enqueue)
         polled, moved, errors = _poll_in_flight(gateway)
+        events = _resend_unapplied_events()
         with unit_of_work() as session:
             stuck = stuck_counts(session)
             stuck_ids = stuck_refund_ids(session, limit=STUCK_IDS_REPORTED)
@@ -70,6 +73,7 @@ def reconcile_once(
         "polled": polled,
         "moved": moved,
         "poll_errors": errors,
+        "stripe_events_resent": events,
         "stuck": total_stuck,
         "stuck_by_status": stuck,
         "stuck_refund_ids": stuck_ids,
@@ -150,6 +154,19 @@ def _requeue_stuck_pending(enqueue: Callable[[str], bool]) -> int:
     requeued = sum(1 for refund_id in ids if enqueue(refund_id))
     log.info("re-enqueued stuck pending refunds", extra={"count": requeued, "taken": len(ids)})
     return requeued
+
+
+def _resend_unapplied_events() -> int:
+    """Stripe events stored by the webhook but not applied (their task was lost or gave
+    up): sent to the workers again."""
+    with unit_of_work() as session:
+        ids = unapplied_event_ids(
+            session, older_than_seconds=get_settings().stuck_after_seconds, limit=BATCH_SIZE
+        )
+    sent = sum(1 for event_id in ids if enqueue_stripe_event(event_id))
+    if ids:
+        log.info("sent unapplied Stripe events again", extra={"count": sent, "taken": len(ids)})
+    return sent
 
 
 def _poll_in_flight(gateway: StripeGateway) -> tuple[int, int, int]:

@@ -1,23 +1,28 @@
 """Stripe webhook events: verify, store each event id once, and apply its effect.
 
-The event id is inserted in the same transaction as the event's effect, so an event
-is either fully applied and remembered, or neither (and Stripe delivers it again).
-Payment and charge events carry a snapshot that is applied forward-only; refund
-events only say "look again": the refund is fetched from Stripe and that answer is
-applied, so a late or replayed refund event can never move a refund backwards.
+The webhook endpoint stores each event id once, with the event's object (SPEC 3.3).
+Payment, charge and dispute events carry a snapshot that is applied forward-only in
+that same short transaction, so a payment is refundable as soon as its webhook was
+answered. Refund events only say "look again", and some snapshots cannot be trusted:
+those need Stripe, so they are applied by a worker (``apply_stored_event``), which
+fetches from Stripe and applies that answer; a late or replayed refund event can never
+move a refund backwards. The reconciler sends again any event stored but not applied.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from datetime import timedelta
 from typing import Any
 
 import stripe
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from psycopg.types.json import Jsonb
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from shared import payments
+from shared.db import driver_cursor, unit_of_work
 from shared.errors import RefundServiceError
 from shared.models import StripeEvent
 from shared.stripe_gateway import StripeGateway
@@ -144,15 +149,20 @@ def _on_charge_refunded(session: Session, ch: Mapping[str, Any], gateway: Stripe
     )
 
 
-def _on_dispute(session: Session, dispute: Mapping[str, Any], gateway: StripeGateway) -> None:
+def _dispute_charge(dispute: Mapping[str, Any]) -> str | None:
     charge = dispute.get("charge")
     if isinstance(charge, Mapping):
         charge = charge.get("id")
-    if not _is_name(charge, EVENT_ID_MAX):
+    return str(charge) if _is_name(charge, EVENT_ID_MAX) else None
+
+
+def _on_dispute(session: Session, dispute: Mapping[str, Any], gateway: StripeGateway) -> None:
+    charge = _dispute_charge(dispute)
+    if charge is None:
         log.warning("dispute event without a charge", extra={"dispute": dispute.get("id")})
         return
-    if not payments.mark_disputed(session, str(charge)):
-        fresh = payments.as_dict(gateway.retrieve_charge(str(charge)))
+    if not payments.mark_disputed(session, charge):
+        fresh = payments.as_dict(gateway.retrieve_charge(charge))
         payments.upsert_charges(session, [fresh], gateway=gateway, disputed=True)
 
 
@@ -187,29 +197,156 @@ HANDLERS: dict[str, Handler] = {
 }
 
 
-def handle_event(*, session: Session, event: Mapping[str, Any], gateway: StripeGateway) -> str:
-    """Apply one verified event and commit; returns ``processed``, ``ignored`` or
-    ``duplicate``.
+# Receiving (the webhook's request path) and applying later (a worker) ----------------
 
+
+class NeedsStripe(Exception):
+    """Applying this event needs a call to Stripe: not on the webhook's request path."""
+
+
+class _NoStripe:
+    """The gateway handed to handlers on the request path: any use of it means the event
+    needs Stripe, so it is left to a worker instead (SPEC 3.3)."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise NeedsStripe(name)
+
+
+NO_STRIPE: Any = _NoStripe()
+
+
+def receive_event(*, session: Session, event: Mapping[str, Any]) -> str:
+    """Store one verified event once and apply it if it carries all that is needed;
+    commits. Returns ``processed``, ``ignored``, ``duplicate``, or ``deferred`` (stored,
+    to be applied by ``apply_stored_event`` on a worker: call ``enqueue`` after this).
+
+    Nothing here calls Stripe or holds a lock across a network call: an event whose
+    handler would need Stripe (a refund event, a snapshot that cannot be trusted, a
+    payment only Stripe can settle) is rolled back to a savepoint and stored for later.
     A concurrent delivery of the same event waits on the event id's insert and then
-    finds it taken. If the handler raises (Stripe unreachable...), nothing is
-    committed and the event id is not kept, so Stripe's redelivery is applied."""
+    finds it taken."""
     event_id, event_type = str(event["id"]), str(event["type"])
-    claimed = session.execute(
-        pg_insert(StripeEvent)
-        .values(id=event_id, type=event_type)
-        .on_conflict_do_nothing(index_elements=[StripeEvent.id])
-        .returning(StripeEvent.id)
-    ).first()
+    handler = HANDLERS.get(event_type)
+    payload = Jsonb(dict(event["data"]["object"])) if handler is not None else None
+    claimed = driver_cursor(session).execute(
+        "INSERT INTO stripe_events (id, type, payload) VALUES (%s, %s, %s)"
+        " ON CONFLICT (id) DO NOTHING RETURNING id",
+        (event_id, event_type, payload),
+    ).fetchone()
     if claimed is None:
         session.rollback()
         log.info("stripe event %s %s: duplicate", event_id, event_type)
         return "duplicate"
-    handler = HANDLERS.get(event_type)
+    applied = handler is None
     if handler is not None:
-        handler(session, event["data"]["object"], gateway)
+        try:
+            with session.begin_nested():
+                handler(session, event["data"]["object"], NO_STRIPE)
+            applied = True
+        except NeedsStripe:
+            applied = False
+    if applied:
+        _mark_applied(session, event_id)
     session.commit()
-    outcome = "processed" if handler is not None else "ignored"
+    outcome = "deferred" if not applied else "processed" if handler is not None else "ignored"
     log.info("stripe event %s %s: %s", event_id, event_type, outcome)
     return outcome
 
+
+def apply_stored_event(event_id: str, *, gateway: StripeGateway) -> str:
+    """Apply a stored event that needed Stripe (a worker's task). Returns ``processed``,
+    or ``already_applied`` when another worker or an earlier delivery got there first.
+
+    Stripe is asked before the transaction opens, so no lock is held while it answers;
+    the event is then applied and marked in one transaction, under its row lock."""
+    with unit_of_work() as session:
+        row = session.execute(
+            select(StripeEvent.type, StripeEvent.payload, StripeEvent.applied_at)
+            .where(StripeEvent.id == event_id)
+        ).first()
+    if row is None or row.applied_at is not None:
+        return "already_applied"
+    handler = HANDLERS.get(row.type)
+    fetched = _Prefetched(gateway)
+    if handler is not None:
+        # A dry run against Stripe alone, outside any transaction: what the handler asks
+        # Stripe for is fetched now and answered from memory below.
+        fetched.fetch(row.type, row.payload or {})
+    with unit_of_work() as session:
+        still_unapplied = session.scalar(
+            select(StripeEvent.id)
+            .where(StripeEvent.id == event_id, StripeEvent.applied_at.is_(None))
+            .with_for_update(skip_locked=True)
+        )
+        if still_unapplied is None:
+            return "already_applied"
+        if handler is not None:
+            handler(session, row.payload or {}, fetched)  # type: ignore[arg-type]
+        _mark_applied(session, event_id)
+        session.commit()
+    log.info("stripe event %s %s: processed", event_id, row.type)
+    return "processed"
+
+
+class _Prefetched:
+    """The gateway for a stored event's handler: the objects the event names, fetched
+    from Stripe before the transaction; anything else (rare: a payment never seen) is
+    passed through to Stripe."""
+
+    def __init__(self, gateway: StripeGateway) -> None:
+        self._gateway = gateway
+        self._refunds: dict[str, Any] = {}
+        self._charge_refunds: dict[str, list[Any]] = {}
+        self._charges: dict[str, Any] = {}
+        self._payment_intents: dict[str, Any] = {}
+
+    def fetch(self, event_type: str, obj: Mapping[str, Any]) -> None:
+        gateway = self._gateway
+        object_id = str(obj.get("id"))
+        if event_type.startswith("refund.") or event_type == "charge.refund.updated":
+            self._refunds[object_id] = gateway.retrieve_refund(object_id)
+        elif event_type == "charge.dispute.created":
+            charge = _dispute_charge(obj)
+            if charge is not None:
+                self._charges[charge] = payments.as_dict(gateway.retrieve_charge(charge))
+        elif event_type.startswith("charge."):
+            if not _is_snapshot(obj):
+                self._charges[object_id] = payments.as_dict(gateway.retrieve_charge(object_id))
+            if event_type == "charge.refunded":
+                self._charge_refunds[object_id] = list(gateway.iter_refunds(charge_id=object_id))
+        elif event_type.startswith("payment_intent."):
+            self._payment_intents[object_id] = payments.as_dict(
+                gateway.retrieve_payment_intent(object_id)
+            )
+
+    def retrieve_refund(self, refund_id: str) -> Any:
+        return self._refunds.get(refund_id) or self._gateway.retrieve_refund(refund_id)
+
+    def iter_refunds(self, *, charge_id: str | None = None, **filters: Any) -> Any:
+        if charge_id in self._charge_refunds:
+            return iter(self._charge_refunds[charge_id])
+        return self._gateway.iter_refunds(charge_id=charge_id, **filters)
+
+    def retrieve_charge(self, charge_id: str) -> Any:
+        return self._charges.get(charge_id) or self._gateway.retrieve_charge(charge_id)
+
+    def retrieve_payment_intent(self, payment_intent_id: str) -> Any:
+        return (self._payment_intents.get(payment_intent_id)
+                or self._gateway.retrieve_payment_intent(payment_intent_id))
+
+
+def unapplied_event_ids(session: Session, *, older_than_seconds: float, limit: int) -> list[str]:
+    """Stored events still waiting for a worker (the reconciler sends them again)."""
+    return list(session.scalars(
+        select(StripeEvent.id)
+        .where(StripeEvent.applied_at.is_(None),
+               StripeEvent.received_at < func.now() - timedelta(seconds=older_than_seconds))
+        .order_by(StripeEvent.received_at)
+        .limit(limit)
+    ))
+
+
+def _mark_applied(session: Session, event_id: str) -> None:
+    driver_cursor(session).execute(
+        "UPDATE stripe_events SET applied_at = now(), payload = NULL WHERE id = %s", (event_id,)
+    )

@@ -8,9 +8,15 @@ import psycopg
 from celery import Task
 from psycopg_pool import PoolTimeout
 
-from shared import processing
-from shared.celery_app import PROCESS_REFUND_TASK, RECONCILE_TASK, get_celery
+from shared import processing, stripe_events
+from shared.celery_app import (
+    APPLY_STRIPE_EVENT_TASK,
+    PROCESS_REFUND_TASK,
+    RECONCILE_TASK,
+    get_celery,
+)
 from shared.reconcile import reconcile_once
+from shared.stripe_gateway import GATEWAY_ERRORS, get_gateway
 
 app = get_celery()
 
@@ -33,6 +39,17 @@ def process_refund(self: Task, refund_id: str) -> str:
     # The refund's status afterwards when it has one (refunds_processed_total), else what
     # the attempt came to (skipped, held, left_for_reconciler).
     return str(result.status or result.outcome)
+
+
+@app.task(name=APPLY_STRIPE_EVENT_TASK, bind=True, max_retries=8)
+def apply_stripe_event(self: Task, event_id: str) -> str:
+    retries = self.request.retries or 0
+    try:
+        return stripe_events.apply_stored_event(str(event_id), gateway=get_gateway())
+    except (*GATEWAY_ERRORS, *DATABASE_ERRORS) as exc:
+        # Stripe or Postgres unreachable: the event stays stored, unapplied; after the
+        # last retry the reconciler sends it again.
+        raise self.retry(countdown=processing.retry_countdown(retries), exc=exc) from exc
 
 
 @app.task(name=RECONCILE_TASK)

@@ -17,7 +17,7 @@ import pytest
 import stripe
 
 from emulator.testing import Admin, EmulatorProcess
-from tests.support import wait_for_http, web_process
+from tests.support import wait_for_http, web_process, worker_process
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,10 @@ def stack(service_env: dict[str, str], log_dir: Path) -> Iterator[Stack]:
     with EmulatorProcess(webhook_secret=secret, env=service_env) as emulator:
         env = {**service_env, "STRIPE_API_BASE": emulator.url}
         web, api_url = web_process(env, log_dir, workers=2)
-        with web:
+        # Refund events and snapshots that need Stripe are applied by a worker (SPEC 3.3).
+        worker = worker_process({**env, "RETRY_BASE_SECONDS": "0.2", "RETRY_MAX_SECONDS": "1"},
+                                log_dir, name="worker-payments", concurrency=4)
+        with web, worker:
             wait_for_http(f"{api_url}/healthz", proc=web.proc)
             stack = Stack(env=env, api_url=api_url, emulator=emulator, webhook_secret=secret)
             emulator.admin.config(webhook_url=stack.webhook_url)

@@ -234,8 +234,11 @@ def test_backward_move_of_an_unfinished_payment_follows_what_stripe_says_now(
     assert payment_state(db, pi.id) == ("processing", 1800)
     # An older status in an event is either late or real; the service asks Stripe, which
     # still says requires_confirmation (not the event's requires_payment_method).
-    deliver(stack, event("payment_intent.payment_failed",
-                         pi_snapshot(pi.id, "requires_payment_method", 1800)))
+    # Asking Stripe is a worker's job: the webhook stores the event and answers at once.
+    late = event("payment_intent.payment_failed",
+                 pi_snapshot(pi.id, "requires_payment_method", 1800))
+    assert deliver(stack, late).json() == {"received": True, "outcome": "deferred"}
+    wait_for(lambda: applied(db, late["id"]), what="the worker to apply the event")
     assert payment_state(db, pi.id) == ("requires_confirmation", 1800)
 
 
@@ -291,7 +294,7 @@ def test_refund_made_at_stripe_is_recorded_and_the_api_refuses_to_over_refund(
     assert [r[0] for r in refunds_of(db, charge_id)] == [outside.id, rest.id]
 
 
-def test_refund_event_while_stripe_is_down_is_refused_then_applied_on_redelivery(
+def test_refund_event_while_stripe_is_down_is_stored_then_applied_by_the_worker(
     stack: Stack, db: Session
 ) -> None:
     _, charge_id = paid(stack, db, amount=1200)
@@ -299,17 +302,48 @@ def test_refund_event_while_stripe_is_down_is_refused_then_applied_on_redelivery
     try:
         refund = stack.stripe().v1.refunds.create({"charge": charge_id, "amount": 200})
         body = event("refund.created", {"id": refund.id, "object": "refund"})
-        stack.admin.faults(fail_next={"count": 1, "status": 503, "path_prefix": "/v1/refunds"})
-        down = deliver(stack, body)
-        assert down.status_code == 503 and down.json()["error"] == "stripe_unavailable"
-        assert db.get(StripeEvent, body["id"]) is None
-        assert refunds_of(db, charge_id) == []
-        # Stripe delivers it again; now the refund is fetched and recorded.
-        assert deliver(stack, body).json() == {"received": True, "outcome": "processed"}
+        stack.admin.faults(fail_next={"count": 2, "status": 503, "path_prefix": "/v1/refunds"})
+        # The endpoint never waits for Stripe: it stores the event and answers.
+        stored = deliver(stack, body)
+        assert stored.json() == {"received": True, "outcome": "deferred"}
+        assert db.get(StripeEvent, body["id"]) is not None
+        # The worker's fetch fails twice (Stripe down), then succeeds on a retry.
+        wait_for(lambda: applied(db, body["id"]), what="the worker to apply the event")
+        assert stack.admin.stats()["faults_fired"]["fail_next"] == 2
         assert refunds_of(db, charge_id) == [(refund.id, "stripe", 200, "succeeded")]
+        assert deliver(stack, body).json() == {"received": True, "outcome": "duplicate"}
     finally:
         stack.admin.clear_faults()
         stack.admin.config(webhook_url=stack.webhook_url)
+
+
+def test_webhook_answers_while_stripe_hangs(stack: Stack, db: Session) -> None:
+    """A refund event with Stripe taking 5 s per call is answered at once: the endpoint
+    neither calls Stripe nor holds a lock while it waits."""
+    _, charge_id = paid(stack, db, amount=900)
+    stack.admin.config(webhook_url=None)
+    try:
+        refund = stack.stripe().v1.refunds.create({"charge": charge_id, "amount": 100})
+        stack.admin.faults(latency_ms=5_000)
+        bodies = [event("refund.updated", {"id": refund.id, "object": "refund"}),
+                  event("charge.refunded", {"id": charge_id, "object": "charge"})]
+        started = time.monotonic()
+        outcomes = [deliver(stack, body).json()["outcome"] for body in bodies]
+        assert time.monotonic() - started < 2.0
+        assert outcomes == ["deferred", "deferred"]
+        stack.admin.faults(latency_ms=0)
+        wait_for(lambda: all(applied(db, b["id"]) for b in bodies), timeout=30,
+                 what="the worker to apply both events")
+        assert refunds_of(db, charge_id) == [(refund.id, "stripe", 100, "succeeded")]
+    finally:
+        stack.admin.clear_faults()
+        stack.admin.config(webhook_url=stack.webhook_url)
+
+
+def applied(db: Session, event_id: str) -> bool:
+    db.expire_all()
+    stored = db.get(StripeEvent, event_id)
+    return stored is not None and stored.applied_at is not None
 
 
 def test_events_about_payments_never_seen_bring_the_payment_in_from_stripe(
@@ -327,11 +361,13 @@ def test_events_about_payments_never_seen_bring_the_payment_in_from_stripe(
              "confirm": True}
         )
         dispute = client.v1.disputes.list({"charge": disputed.latest_charge}).data[0]
-        for body in (
+        bodies = (
             event("refund.created", {"id": refund.id, "object": "refund"}),
             event("charge.dispute.created", dispute.to_dict()),
-        ):
-            assert deliver(stack, body).json() == {"received": True, "outcome": "processed"}
+        )
+        for body in bodies:  # each needs Stripe: applied by the worker
+            assert deliver(stack, body).json() == {"received": True, "outcome": "deferred"}
+        wait_for(lambda: all(applied(db, b["id"]) for b in bodies), what="the worker")
     finally:
         stack.admin.config(webhook_url=stack.webhook_url)
     assert payment_state(db, refunded.id) == ("succeeded", 2600)
