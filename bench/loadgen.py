@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import hmac
 import itertools
 import json
 import os
@@ -65,6 +67,12 @@ class Run:
         if args.get:  # the HTTP stack alone: one tokenless GET, over and over
             get = f"GET {args.get} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n\r\n"
             self.requests = [get.encode()]
+        if args.webhook_events:  # Stripe's side: signed events to the webhook endpoint
+            self.requests = _signed_events(args.webhook_events, args.webhook_secret,
+                                           f"{self.host}:{self.port}")
+        # With --rate the connections together send at most that many requests a second
+        # (each connection its share, on a fixed schedule): a burst of a given size.
+        self.interval = args.connections / args.rate if args.rate else 0.0
         # With --idempotency-keys every request carries a key of its own, as a careful
         # client's would: a fresh one per refund, never a replay.
         self.key_prefix = (
@@ -93,7 +101,11 @@ class Run:
     async def connection(self, index: int) -> None:
         mine = self.requests[index :: self.connections] or self.requests
         reader = writer = None
+        next_at = time.perf_counter() + self.interval * index / self.connections
         for request in itertools.cycle(mine):
+            if self.interval:
+                await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+                next_at += self.interval
             if not self._take():
                 break
             if writer is None:
@@ -149,6 +161,26 @@ class Run:
         return out
 
 
+def _signed_events(path: str, secret: str, host: str) -> list[bytes]:
+    """POST /v1/webhooks/stripe requests for the events in ``path`` (one JSON object a
+    line), each signed as Stripe signs them, timestamped now."""
+    timestamp = int(time.time())
+    requests = []
+    with open(path) as f:
+        for line in f:
+            body = line.strip()
+            if not body:
+                continue
+            mac = hmac.new(secret.encode(), f"{timestamp}.{body}".encode(), hashlib.sha256)
+            requests.append((
+                f"POST /v1/webhooks/stripe HTTP/1.1\r\nHost: {host}\r\n"
+                f"Content-Type: application/json\r\n"
+                f"Stripe-Signature: t={timestamp},v1={mac.hexdigest()}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n{body}"
+            ).encode())
+    return requests
+
+
 def _parse_head(head: bytes) -> tuple[int, int, bool]:
     lines = head.split(b"\r\n")
     status = int(lines[0].split(b" ", 2)[1])
@@ -186,6 +218,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="send GET PATH instead of refunds (with --expect 200)")
     parser.add_argument("--idempotency-keys", action="store_true",
                         help="send a fresh Idempotency-Key with every request")
+    parser.add_argument("--webhook-events", metavar="FILE",
+                        help="send these Stripe events (one JSON object a line), signed, to "
+                             "/v1/webhooks/stripe instead of refunds (with --expect 200)")
+    parser.add_argument("--webhook-secret", default=os.environ.get("LOADGEN_WEBHOOK_SECRET", ""),
+                        help="the webhook signing secret (default: $LOADGEN_WEBHOOK_SECRET)")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="requests per second over all connections (default: flat out)")
     parser.add_argument("--key-prefix", default=f"bench-{os.getpid()}-{int(time.time())}",
                         help="Idempotency-Key prefix (a counter follows)")
     args = parser.parse_args(argv)

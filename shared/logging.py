@@ -43,6 +43,11 @@ QUIET_LOGGERS = (
     "amqp",
     "tornado.access",
     "alembic.runtime.migration",
+    # Celery's "Task ... received" and "... succeeded in" lines: two lines a refund that
+    # the task's own line ("refund sent", with refund_id and task_id) and the task events
+    # (Flower) already tell. Failures and retries are still logged, at WARNING and above.
+    "celery.worker.strategy",
+    "celery.app.trace",
 )
 
 

@@ -4,9 +4,8 @@ Where the numbers come from:
 - HTTP requests and refund initiations: Flask hooks in ``api/metrics.py``.
 - Worker task results, refund outcomes, reconcile actions: Celery signals in
   ``worker/observability.py`` (task return values are read there, see below).
-- Stripe call latency: ``StripeHttpClient``, the HTTP client the Stripe adapter uses,
-  times every request; code calling Stripe some other way wraps it in
-  ``with stripe_call_timer(method, endpoint): ...``.
+- Stripe call latency: ``stripe_gateway.StripeHttpClient``, the HTTP client of the one
+  Stripe adapter, times every request.
 - Refunds by status, the age of the oldest non-terminal refund and the stuck count:
   ``RefundStateCollector`` queries Postgres at scrape time (indexed, 2 s cap).
 
@@ -25,7 +24,6 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import stripe
 from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
@@ -141,26 +139,6 @@ def stripe_endpoint(url: str) -> str:
 
 def observe_stripe_call(*, method: str, endpoint: str, status: int | str, seconds: float) -> None:
     STRIPE_LATENCY.labels(method.upper(), endpoint, str(status)).observe(seconds)
-
-
-class StripeHttpClient(stripe.RequestsClient):
-    """The Stripe SDK's requests client, timing every request (latency by endpoint and status)."""
-
-    def request(  # type: ignore[override]
-        self, method: str, url: str, headers: Any, post_data: Any = None
-    ) -> tuple[bytes, int, Any]:
-        start = time.perf_counter()
-        status: int | str = "error"
-        try:
-            content, status, response_headers = super().request(method, url, headers, post_data)
-            return content, status, response_headers
-        finally:
-            observe_stripe_call(
-                method=method,
-                endpoint=stripe_endpoint(url),
-                status=status,
-                seconds=time.perf_counter() - start,
-            )
 
 
 # --------------------------------------------------------------------------- refunds in the DB

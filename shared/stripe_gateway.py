@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import enum
 import functools
+import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 import stripe
+import urllib3
 
 from shared.config import Settings, get_settings
-from shared.metrics import StripeHttpClient
+from shared.metrics import observe_stripe_call, stripe_endpoint
 from shared.rate_limit import RateLimited, get_limiter
 
 # Stripe sends these as `reason`; any other text travels in metadata only.
@@ -110,6 +113,64 @@ def _retry_after(exc: stripe.StripeError) -> float | None:
         return max(0.0, float(value)) if value is not None else None
     except ValueError:
         return None
+
+
+class StripeHttpClient(stripe.HTTPClient):
+    """The SDK's HTTP client on urllib3's connection pool, timing every request.
+
+    The SDK's default (requests) spent more CPU per call than the rest of a worker's
+    refund (make bench, BENCH_PROFILE=1): sessions, hooks, cookies and environment
+    merging that a fixed JSON API does not need. urllib3 is what requests runs on;
+    the pool keeps one keep-alive connection per worker thread. Proxies come from
+    ``HTTPS_PROXY`` as with requests; no redirect is followed and nothing is retried
+    here (retries are the worker's decision, SPEC 6)."""
+
+    name = "urllib3"
+
+    def __init__(self, *, timeout: float, max_connections: int = 64) -> None:
+        super().__init__()
+        self._timeout = urllib3.Timeout(connect=timeout, read=timeout)
+        options: dict[str, Any] = {
+            "maxsize": max_connections,
+            "block": False,
+            "retries": False,
+            "timeout": self._timeout,
+            "cert_reqs": "CERT_REQUIRED",
+            "ca_certs": stripe.ca_bundle_path,
+        }
+        proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+        self._pool = urllib3.ProxyManager(proxy, **options) if proxy else urllib3.PoolManager(
+            **options
+        )
+
+    def request(  # type: ignore[override]
+        self, method: str, url: str, headers: Any, post_data: Any = None, **_: Any
+    ) -> tuple[bytes, int, Any]:
+        start = time.perf_counter()
+        status: int | str = "error"
+        try:
+            response = self._pool.request(
+                method.upper(), url, body=post_data, headers=headers, redirect=False,
+                retries=False, timeout=self._timeout,
+            )
+            status = response.status
+            return response.data, response.status, response.headers
+        except urllib3.exceptions.HTTPError as exc:
+            # Timeouts, refused or dropped connections: the request may or may not have
+            # reached Stripe (classify_error: unknown outcome).
+            raise stripe.APIConnectionError(
+                f"Could not complete the request to Stripe ({type(exc).__name__}).",
+                should_retry=False,
+            ) from exc
+        finally:
+            observe_stripe_call(method=method, endpoint=stripe_endpoint(url), status=status,
+                                seconds=time.perf_counter() - start)
+
+    def request_stream(self, *args: Any, **kwargs: Any) -> Any:  # never used: no streams
+        raise NotImplementedError("StripeHttpClient does not stream")
+
+    def close(self) -> None:
+        self._pool.clear()
 
 
 #: Errors ``classify_error`` understands: what callers of this gateway catch.

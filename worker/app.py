@@ -1,10 +1,16 @@
 """The Celery app the worker and beat processes load, with the tasks registered."""
 
+import os
 from typing import Any
 
 from celery.signals import worker_init
 
 from shared.celery_app import get_celery
+from worker.observability import process_type
+
+# Names this process's Postgres connections (pg_stat_activity.application_name), so an
+# operator (and make bench) can count what the workers hold.
+os.environ.setdefault("PGAPPNAME", f"refunds-{process_type()}")
 
 app = get_celery()
 
@@ -16,10 +22,11 @@ install_observability(app)  # JSON logs and metrics through Celery signals
 
 @worker_init.connect
 def _build_shared_clients(**_: Any) -> None:
-    # Build the process-wide engine and Stripe client once, before the thread pool
+    # Build the process-wide engine, pool and Stripe client once, before the thread pool
     # starts, so no two threads race to create them.
-    from shared.db import get_engine
+    from shared.db import get_engine, get_pool
     from shared.stripe_gateway import get_gateway
 
     get_engine()
+    get_pool()
     get_gateway()
