@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 
 BUCKET_KEY = "refunds:stripe-rate-limit"
 MAX_WAIT_SECONDS = 5.0
+#: Share of STRIPE_MAX_RPS the workers send at. Stripe counts requests when they arrive,
+#: and a few ms of jitter between taking a token and the request landing bunch requests
+#: up: paced at exactly Stripe's limit, a few of them got 429s (make bench: 3 in 2,000);
+#: 5 % under it, none did.
+HEADROOM = 0.95
 
 # Reserve one token: refill by elapsed time (Redis' clock, the same for every caller),
 # take a token if there is one, else reserve the next one and say how long to wait.
@@ -107,4 +112,4 @@ def get_limiter() -> StripeRateLimiter:
     client = redis.Redis.from_url(
         settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0, health_check_interval=30
     )
-    return StripeRateLimiter(client, rate=settings.stripe_max_rps)
+    return StripeRateLimiter(client, rate=settings.stripe_max_rps * HEADROOM)
