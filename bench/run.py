@@ -761,8 +761,9 @@ class Bench:
             alone = self.loadgen(alone_file, c.burst_refund_connections, duration=c.seconds)
             self.admin.faults(latency_ms=c.webhook_stripe_latency_ms)
             with ThreadPoolExecutor(1) as pool:
-                burst = pool.submit(self.loadgen, events_file, c.webhook_connections,
-                                    requests=c.webhook_events, rate=c.webhook_rate)
+                burst = pool.submit(self.loadgen, alone_file, c.webhook_connections,
+                                    requests=c.webhook_events, rate=c.webhook_rate,
+                                    webhook_events=events_file)
                 time.sleep(0.5)
                 during = self.loadgen(during_file, c.burst_refund_connections,
                                       duration=c.seconds)

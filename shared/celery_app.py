@@ -111,6 +111,18 @@ def enqueue_refund(refund_id: str) -> bool:
     A failure here loses nothing: the pending row is the outbox and the reconciler
     enqueues it again, so the error is logged and reported, not raised.
     """
+    return _enqueue(PROCESS_REFUND_TASK, REFUNDS_QUEUE, refund_id, refund_id=refund_id)
+
+
+def enqueue_stripe_event(event_id: str) -> bool:
+    """Ask a worker to apply a stored Stripe event. Call only after it is committed; a
+    failure loses nothing (the reconciler sends unapplied events again)."""
+    return _enqueue(
+        APPLY_STRIPE_EVENT_TASK, STRIPE_EVENTS_QUEUE, event_id, stripe_event_id=event_id
+    )
+
+
+def _enqueue(task: str, queue: str, object_id: str, **log_fields: str) -> bool:
     app = get_celery()
     try:
         # The message Celery's ``send_task`` would send (same protocol, headers and
@@ -120,32 +132,30 @@ def enqueue_refund(refund_id: str) -> bool:
         # Redis transport builds a new Redis client for every message (make bench).
         message = app.amqp.as_task_v2(
             str(uuid.uuid4()),
-            PROCESS_REFUND_TASK,
-            args=[refund_id],
+            task,
+            args=[object_id],
             # As send_task sends it: None leaves the task's setting (task_ignore_result) in
             # force; as_task_v2's default, False, would have workers store every result.
             ignore_result=None,
         )
         client = _redis_list_client()
         if client is not None:
-            _push_to_redis_list(client, REFUNDS_QUEUE, message)
+            _push_to_redis_list(client, queue, message)
         else:
-            _publisher()(
+            _publisher(queue)(
                 message.body,
                 exchange="",
-                routing_key=REFUNDS_QUEUE,
+                routing_key=queue,
                 serializer="json",
                 delivery_mode="persistent",
                 headers=message.headers,
                 **message.properties,
             )
     except Exception:
-        log.exception(
-            "enqueue failed; the reconciler will pick the refund up", extra={"refund_id": refund_id}
-        )
+        log.exception("enqueue failed; the reconciler will send it again", extra=log_fields)
         return False
     # Counted here: Celery's publish signals only fire for ``send_task``.
-    metrics.observe_task_published(PROCESS_REFUND_TASK)
+    metrics.observe_task_published(task)
     return True
 
 
@@ -188,25 +198,26 @@ def _push_to_redis_list(client: redis.Redis, queue: str, message: Any) -> None:
 _thread_local = threading.local()
 
 
-def _publisher() -> Callable[..., Any]:
+def _publisher(queue: str) -> Callable[..., Any]:
     """For other brokers (RabbitMQ): this thread's ``Producer.publish``, wrapped once by
     ``Connection.ensure``: on a lost broker connection it reconnects and publishes again
     (twice at most).
 
     Kombu producers and channels are not thread-safe, so each thread keeps its own for
     as long as it lives (a gunicorn or worker thread: the life of the process)."""
-    publish: Callable[..., Any] | None = getattr(_thread_local, "publish", None)
+    publishers: dict[str, Callable[..., Any]] = _thread_local.__dict__.setdefault("publish", {})
+    publish = publishers.get(queue)
     if publish is None:
         app = get_celery()
         connection = app.connection_for_write()
         producer = connection.Producer()
         # Declared once: a RabbitMQ queue must exist before the default exchange can
         # deliver to it (the worker declares it too, but may not have started yet).
-        producer.maybe_declare(app.amqp.queues[REFUNDS_QUEUE])
+        producer.maybe_declare(app.amqp.queues[queue])
         publish = connection.ensure(
             producer, producer.publish, max_retries=2, interval_start=0, interval_step=0.2
         )
-        _thread_local.publish = publish
+        publishers[queue] = publish
     return publish
 
 
@@ -217,20 +228,6 @@ def _forget_producers() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_producers)
-
-
-def enqueue_stripe_event(event_id: str) -> bool:
-    """Ask a worker to apply a stored Stripe event. Call only after it is committed; a
-    failure loses nothing (the reconciler sends unapplied events again)."""
-    try:
-        get_celery().send_task(
-            APPLY_STRIPE_EVENT_TASK, args=[event_id], retry=True, retry_policy={"max_retries": 2}
-        )
-    except Exception:
-        log.exception("enqueue of a Stripe event failed; the reconciler will send it")
-        return False
-    metrics.observe_task_published(APPLY_STRIPE_EVENT_TASK)
-    return True
 
 
 def enqueue_reconcile() -> bool:

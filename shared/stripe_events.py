@@ -199,6 +199,9 @@ HANDLERS: dict[str, Handler] = {
 
 # Receiving (the webhook's request path) and applying later (a worker) ----------------
 
+#: Handlers that ask Stripe whatever the event says: their events go straight to a worker.
+ALWAYS_NEED_STRIPE = frozenset({_on_refund, _on_charge_refunded})
+
 
 class NeedsStripe(Exception):
     """Applying this event needs a call to Stripe: not on the webhook's request path."""
@@ -238,7 +241,7 @@ def receive_event(*, session: Session, event: Mapping[str, Any]) -> str:
         log.info("stripe event %s %s: duplicate", event_id, event_type)
         return "duplicate"
     applied = handler is None
-    if handler is not None:
+    if handler is not None and handler not in ALWAYS_NEED_STRIPE:
         try:
             with session.begin_nested():
                 handler(session, event["data"]["object"], NO_STRIPE)

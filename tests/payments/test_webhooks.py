@@ -110,7 +110,10 @@ def test_payments_made_at_stripe_arrive_through_signed_webhooks(stack: Stack, db
     failed_pi = declined.value.json_body["error"]["payment_intent"]  # type: ignore[index]
     wait_for(lambda: charge_state(db, failed_pi["latest_charge"]), what="failed charge")
     settle(stack)
-    assert payment_state(db, failed_pi["id"]) == ("requires_payment_method", 900)
+    # Events Stripe must settle (a status that does not move forward) are applied by the
+    # worker, a moment after the webhook was answered.
+    wait_for(lambda: payment_state(db, failed_pi["id"]) == ("requires_payment_method", 900),
+             what="the failed payment's status")
     assert charge_state(db, failed_pi["latest_charge"]) == ("failed", 0, False)
 
     sent = [
