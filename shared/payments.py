@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, and_, case, func, literal_column, or_, select, update
@@ -37,6 +37,7 @@ from shared.stripe_gateway import (
     classify_error,
     get_gateway,
 )
+from shared.stripe_objects import StripeObject, as_dict, id_of
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +65,6 @@ DEADLOCK_RETRIES = 3
 LIST_RETRIES = 5
 
 T = TypeVar("T")
-StripeObject = Mapping[str, Any]
-
-
-def as_dict(obj: Any) -> dict[str, Any]:
-    """A plain dict of a Stripe SDK object (or of a dict already)."""
-    to_dict = getattr(obj, "to_dict", None)
-    return to_dict() if callable(to_dict) else dict(obj)
 
 
 def status_rank(status: str) -> int:
@@ -224,13 +218,6 @@ def charge_amount(ch: StripeObject) -> int:
     return int(captured)
 
 
-def _payment_intent_id(ch: StripeObject) -> str | None:
-    pi = ch.get("payment_intent")
-    if isinstance(pi, Mapping):  # expanded
-        pi = pi.get("id")
-    return str(pi) if pi else None
-
-
 def upsert_charges(
     session: Session,
     charges: Iterable[StripeObject],
@@ -247,7 +234,7 @@ def upsert_charges(
     by_id = {str(ch["id"]): ch for ch in charges}
     if not by_id:
         return {"inserted": 0, "updated": 0}
-    pi_ids = {cid: _payment_intent_id(ch) for cid, ch in by_id.items()}
+    pi_ids = {cid: id_of(ch.get("payment_intent")) for cid, ch in by_id.items()}
     known = payment_ids_for(session, (pi for pi in pi_ids.values() if pi))
     missing = sorted({pi for pi in pi_ids.values() if pi and pi not in known})
     if missing:
@@ -345,13 +332,6 @@ def _count(session: Session, stmt: Any, rows: list[dict[str, Any]]) -> dict[str,
 # Refunds made outside this service -------------------------------------------------
 
 
-def refund_charge_id(refund: StripeObject) -> str | None:
-    charge = refund.get("charge")
-    if isinstance(charge, Mapping):
-        charge = charge.get("id")
-    return str(charge) if charge else None
-
-
 def apply_refunds(
     session: Session, refunds: Iterable[Any], *, gateway: StripeGateway, actor: str
 ) -> dict[str, int]:
@@ -364,7 +344,7 @@ def apply_refunds(
     refunds = list(refunds)
     ensure_charges(
         session,
-        (cid for cid in (refund_charge_id(as_dict(r)) for r in refunds) if cid),
+        (cid for cid in (id_of(as_dict(r).get("charge")) for r in refunds) if cid),
         gateway=gateway,
     )
     unmatched = 0

@@ -19,6 +19,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from shared.models import Charge, Payment, Refund, RefundStatus, new_id
+from shared.stripe_objects import as_dict, id_of
 from shared.transitions import record_event, transition
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def apply_stripe_refund(session: Session, stripe_refund: Any, *, actor: str) -> 
     we do not hold (payments sync brings it later). Flushes but never commits: the caller
     owns the transaction.
     """
-    data = _as_dict(stripe_refund)
+    data = as_dict(stripe_refund)
     stripe_id = str(data["id"])
     ours_id = (data.get("metadata") or {}).get("refund_id")
 
@@ -110,8 +111,8 @@ def _move(session: Session, refund: Refund, data: Mapping[str, Any], *, actor: s
 def _record_external(session: Session, data: Mapping[str, Any], *, actor: str) -> str | None:
     stripe_id = str(data["id"])
     target = STRIPE_STATUS.get(str(data.get("status")))
-    charge_id = _id_of(data.get("charge"))
-    payment_intent_id = _id_of(data.get("payment_intent"))
+    charge_id = id_of(data.get("charge"))
+    payment_intent_id = id_of(data.get("payment_intent"))
     charge = session.get(Charge, charge_id) if charge_id else None
     # Lock the payment as the API does when it computes what is left, so a refund
     # being accepted right now sees this one.
@@ -179,14 +180,3 @@ def failure_text(data: Mapping[str, Any]) -> str:
     return f"refund_failed: {data.get('failure_reason') or 'unknown'}"
 
 
-def _id_of(value: Any) -> str | None:
-    """Stripe fields such as ``charge`` are an id, or the object when expanded."""
-    if value is None or isinstance(value, str):
-        return value
-    return str(value["id"])
-
-
-def _as_dict(stripe_refund: Any) -> Mapping[str, Any]:
-    if isinstance(stripe_refund, Mapping):
-        return stripe_refund
-    return stripe_refund.to_dict()

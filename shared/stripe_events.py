@@ -26,6 +26,7 @@ from shared.db import driver_cursor, unit_of_work
 from shared.errors import RefundServiceError
 from shared.models import StripeEvent
 from shared.stripe_gateway import StripeGateway
+from shared.stripe_objects import as_dict, id_of
 
 log = logging.getLogger(__name__)
 
@@ -126,13 +127,13 @@ def _is_snapshot(obj: Mapping[str, Any]) -> bool:
 
 def _on_payment_intent(session: Session, pi: Mapping[str, Any], gateway: StripeGateway) -> None:
     if not _is_snapshot(pi):
-        pi = payments.as_dict(gateway.retrieve_payment_intent(_object_id(pi)))
+        pi = as_dict(gateway.retrieve_payment_intent(_object_id(pi)))
     payments.apply_payment_intent(session, pi, gateway=gateway)
 
 
 def _charge_snapshot(ch: Mapping[str, Any], gateway: StripeGateway) -> Mapping[str, Any]:
     if not _is_snapshot(ch):
-        return payments.as_dict(gateway.retrieve_charge(_object_id(ch)))
+        return as_dict(gateway.retrieve_charge(_object_id(ch)))
     return ch
 
 
@@ -150,10 +151,8 @@ def _on_charge_refunded(session: Session, ch: Mapping[str, Any], gateway: Stripe
 
 
 def _dispute_charge(dispute: Mapping[str, Any]) -> str | None:
-    charge = dispute.get("charge")
-    if isinstance(charge, Mapping):
-        charge = charge.get("id")
-    return str(charge) if _is_name(charge, EVENT_ID_MAX) else None
+    charge = id_of(dispute.get("charge"))
+    return charge if _is_name(charge, EVENT_ID_MAX) else None
 
 
 def _on_dispute(session: Session, dispute: Mapping[str, Any], gateway: StripeGateway) -> None:
@@ -162,7 +161,7 @@ def _on_dispute(session: Session, dispute: Mapping[str, Any], gateway: StripeGat
         log.warning("dispute event without a charge", extra={"dispute": dispute.get("id")})
         return
     if not payments.mark_disputed(session, charge):
-        fresh = payments.as_dict(gateway.retrieve_charge(charge))
+        fresh = as_dict(gateway.retrieve_charge(charge))
         payments.upsert_charges(session, [fresh], gateway=gateway, disputed=True)
 
 
@@ -311,14 +310,14 @@ class _Prefetched:
         elif event_type == "charge.dispute.created":
             charge = _dispute_charge(obj)
             if charge is not None:
-                self._charges[charge] = payments.as_dict(gateway.retrieve_charge(charge))
+                self._charges[charge] = as_dict(gateway.retrieve_charge(charge))
         elif event_type.startswith("charge."):
             if not _is_snapshot(obj):
-                self._charges[object_id] = payments.as_dict(gateway.retrieve_charge(object_id))
+                self._charges[object_id] = as_dict(gateway.retrieve_charge(object_id))
             if event_type == "charge.refunded":
                 self._charge_refunds[object_id] = list(gateway.iter_refunds(charge_id=object_id))
         elif event_type.startswith("payment_intent."):
-            self._payment_intents[object_id] = payments.as_dict(
+            self._payment_intents[object_id] = as_dict(
                 gateway.retrieve_payment_intent(object_id)
             )
 
