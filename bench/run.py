@@ -525,6 +525,7 @@ class Bench:
         return self.status_counts().get("pending", 0)
 
     def start_workers(self, processes: int, threads: int | None, **env: str) -> None:
+        self.stop_workers()
         worker_env = {**self.env, **env}
         if threads is not None:
             worker_env["WORKER_CONCURRENCY"] = str(threads)
