@@ -30,7 +30,8 @@ PrintableId = Annotated[
 ]
 
 RefundStatusName = Literal[
-    "pending", "processing", "requires_action", "succeeded", "failed", "canceled"
+    "awaiting_approval", "pending", "processing", "requires_action", "succeeded", "failed",
+    "canceled",
 ]
 
 
