@@ -60,7 +60,8 @@ def initiate_refund(
     A refund at or above the approval threshold of its currency is recorded
     ``awaiting_approval`` instead (SPEC 12): it holds its amount but is not sent until a
     second person approves it. The caller enqueues a ``pending`` refund for the worker
-    after this returns (never before the commit), and never one awaiting approval. Raises a ``RefundServiceError`` for every rejected request; nothing is
+    after this returns (never before the commit), and never one awaiting approval.
+    Raises a ``RefundServiceError`` for every rejected request; nothing is
     written then.
     """
     if idempotency_key is not None:
