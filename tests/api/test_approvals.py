@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from shared.celery_app import REFUNDS_QUEUE
@@ -515,3 +516,23 @@ def test_no_refund_awaits_approval_when_no_threshold_is_set(client, settings, db
                        headers=auth(settings, scopes=WRITE))
     assert resp.status_code == 201 and resp.json()["status"] == "pending"
 
+
+
+def _gauge(text: str, name: str) -> float:
+    (line,) = [line for line in text.splitlines() if line.startswith(f"{name} ")]
+    return float(line.split()[1])
+
+
+def test_metrics_count_refunds_awaiting_approval_and_the_oldest_age(
+    http, settings, db
+) -> None:
+    refund_id = awaiting(http, settings, db)["refund_id"]
+    _set(db, refund_id, created_at=func.now() - timedelta(hours=2))
+    waiting = db.scalar(select(func.count()).where(Refund.status == "awaiting_approval"))
+
+    text = http.get("/metrics").text
+
+    assert _gauge(text, "refunds_awaiting_approval") == waiting
+    assert _gauge(text, "refunds_oldest_awaiting_approval_age_seconds") >= 2 * 3600
+    # Waiting for a person is not a pipeline that is open or stuck.
+    assert 'status="awaiting_approval"' not in text
