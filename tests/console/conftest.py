@@ -59,6 +59,7 @@ STACK_SETTINGS = {
     "MAX_ATTEMPTS": "2",  # [8]
     "STRIPE_TIMEOUT_SECONDS": "2",  # [10]
     "STRIPE_MAX_RPS": "500",  # [25]
+    "APPROVAL_THRESHOLD_CENTS": "20000",  # [unset: off]; other tests refund less than this
 }
 
 
