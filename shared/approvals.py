@@ -195,6 +195,9 @@ def approval_queue(*, session: Session, limit: int) -> ApprovalQueue:
     total = session.scalar(
         select(func.count()).where(Refund.status == S.AWAITING_APPROVAL)
     ) or 0
+    expires_after = timedelta(seconds=get_settings().approval_expires_seconds)
+    if not waiting:
+        return ApprovalQueue(now=now, refunds=[], total=int(total), expires_after=expires_after)
     payment_ids = {r.payment_id for r in waiting}
     payments = {
         p.id: p for p in session.scalars(select(Payment).where(Payment.id.in_(payment_ids)))
@@ -217,7 +220,7 @@ def approval_queue(*, session: Session, limit: int) -> ApprovalQueue:
             for r in waiting
         ],
         total=int(total),
-        expires_after=timedelta(seconds=get_settings().approval_expires_seconds),
+        expires_after=expires_after,
     )
 
 

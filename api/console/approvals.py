@@ -17,7 +17,7 @@ from shared.config import get_settings
 from shared.db import unit_of_work
 from shared.errors import SelfApproval
 
-QUEUE_LIMIT = 200
+QUEUE_LIMIT = 100
 DECISIONS = {"approve": approvals.approve, "reject": approvals.reject}
 
 
