@@ -96,11 +96,14 @@ def test_an_approved_refund_is_sent_to_stripe_once_and_succeeds(
     assert resp.json()["status"] == "pending"
     wait_for_statuses(db, [refund_id], "succeeded", timeout=15)
     assert stripe_refunds_per_id(stack, [refund_id]) == {refund_id: 1}
-    assert trail(db, refund_id) == [
+    steps = trail(db, refund_id)
+    assert steps[:2] == [
         (None, "awaiting_approval", INITIATOR),
         ("awaiting_approval", "pending", APPROVER),
-        ("pending", "succeeded", "worker"),
     ]
+    # The worker records Stripe's answer, unless Stripe's webhook got there first.
+    assert steps[2:] in ([("pending", "succeeded", "worker")],
+                         [("pending", "succeeded", "webhook")]), steps
 
 
 def test_a_refund_awaiting_approval_is_never_sent_whatever_names_it(
