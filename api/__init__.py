@@ -44,9 +44,11 @@ def create_app() -> Flask:
         response.headers["X-Request-Id"] = g.get("request_id", "")
         return response
 
-    from api import console, health, metrics, openapi, refunds, webhooks
+    from api import approvals, console, health, metrics, openapi, refunds, webhooks
 
-    for blueprint in (refunds.bp, webhooks.bp, health.bp, metrics.bp, openapi.bp, console.bp):
+    blueprints = (refunds.bp, approvals.bp, webhooks.bp, health.bp, metrics.bp, openapi.bp,
+                  console.bp)
+    for blueprint in blueprints:
         app.register_blueprint(blueprint)
     register_error_handlers(app)
     return app

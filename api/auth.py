@@ -143,7 +143,7 @@ def _verify(token: str, settings: Settings) -> tuple[Caller, float]:
     return Caller(subject=subject, scopes=_scopes(claims)), float(claims["exp"])
 
 
-def require_scope(kind: Literal["read", "write"]) -> Callable[[F], F]:
+def require_scope(kind: Literal["read", "write", "approve"]) -> Callable[[F], F]:
     """Decorate a view: 401 without a valid token, 403 without the ``kind`` scope."""
 
     def decorator(view: F) -> F:
@@ -151,9 +151,11 @@ def require_scope(kind: Literal["read", "write"]) -> Callable[[F], F]:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             settings = get_settings()
             caller = authenticate(request.headers.get("Authorization"), settings)
-            needed = (
-                settings.refunds_write_scope if kind == "write" else settings.refunds_read_scope
-            )
+            needed = {
+                "read": settings.refunds_read_scope,
+                "write": settings.refunds_write_scope,
+                "approve": settings.refunds_approve_scope,
+            }[kind]
             if needed not in caller.scopes:
                 raise ApiError(403, f"The token lacks the '{needed}' scope this endpoint needs.")
             g.caller = caller

@@ -19,6 +19,9 @@ DOMAIN_STATUS: dict[type[domain.RefundServiceError], int] = {
     domain.AlreadyRefunded: 409,
     domain.AmountExceedsRefundable: 422,
     domain.IdempotencyKeyReused: 422,
+    domain.SelfApproval: 403,
+    domain.NotAwaitingApproval: 409,
+    domain.CannotCancel: 409,
 }
 
 HTTP_CODES = {

@@ -22,6 +22,7 @@ from api.schemas import (
     LIST_LIMIT_MAX,
     MAX_SAFE_INTEGER,
     NO_NUL_PATTERN,
+    NOTE_MAX,
     PRINTABLE_PATTERN,
     REASON_MAX,
     RefundStatusName,
@@ -98,6 +99,7 @@ def _schemas() -> dict[str, Any]:
         "created_at": timestamp,
         "updated_at": timestamp,
         "attempts": {"type": "integer", "minimum": 0},
+        **_approval_props(timestamp),
     }
     return {
         "RefundCreate": {
@@ -179,6 +181,7 @@ def _schemas() -> dict[str, Any]:
             },
             "required": ["data", "has_more", "next_cursor"],
         },
+        **_approval_schemas(),
         "Error": {
             "type": "object",
             "additionalProperties": False,
@@ -250,8 +253,10 @@ def _paths(settings: Settings) -> dict[str, Any]:
                                 "content": _json(_ref("schemas", "RefundCreate"))},
                 "responses": {
                     "201": _ok(
-                        "Refund initiated (status `pending`), or the first answer replayed for "
-                        "a repeated Idempotency-Key.",
+                        "Refund initiated (status `pending`; `awaiting_approval` when its "
+                        "amount reaches the approval threshold: then nothing is sent until "
+                        "another person approves it), or the first answer replayed for a "
+                        "repeated Idempotency-Key.",
                         _json(_ref("schemas", "RefundInitiated")),
                         Location={"required": True, "schema": {"type": "string"},
                                   "description": "`/v1/admin/refunds/<refund_id>`"},
@@ -300,6 +305,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
                 },
             },
         },
+        **_approval_paths(settings),
         "/v1/webhooks/stripe": {
             "post": {
                 "operationId": "receiveStripeWebhook",
@@ -365,6 +371,113 @@ def _paths(settings: Settings) -> dict[str, Any]:
     }
 
 
+# -- approvals (SPEC 12) ----------------------------------------------------------------
+
+
+def _approval_props(timestamp: dict[str, Any]) -> dict[str, Any]:
+    """Fields of a refund's GET shape: who decided, how and when (who asked is
+    ``initiated_by``, when is ``created_at``)."""
+    return {
+        "approval_threshold_cents": {
+            "type": ["integer", "null"],
+            "description": "The approval threshold in force when the refund was requested, "
+                           "if it reached it (then it was created `awaiting_approval`); "
+                           "null when it needed no approval."},
+        "decision": {
+            "type": ["string", "null"], "enum": ["approved", "rejected", "withdrawn", "expired",
+                                                 None],
+            "description": "What was decided before Stripe: `approved` or `rejected` by an "
+                           "approver, `withdrawn` (cancel), `expired` (by the reconciler after "
+                           "APPROVAL_EXPIRES_SECONDS); null while none was taken."},
+        "decided_by": {"type": ["string", "null"],
+                       "description": "The `sub` of who decided, or `reconciler`."},
+        "decided_at": {**timestamp, "type": ["string", "null"]},
+        "decision_note": {"type": ["string", "null"],
+                          "description": "The note given with the decision."},
+    }
+
+
+def _approval_schemas() -> dict[str, Any]:
+    return {
+        "Decision": {
+            "type": "object",
+            "description": "Optional; the note is kept with the decision in the audit trail.",
+            "additionalProperties": False,
+            "properties": {
+                "note": {"type": ["string", "null"], "maxLength": NOTE_MAX,
+                         "pattern": NO_NUL_PATTERN},
+            },
+        },
+    }
+
+
+def _approval_paths(settings: Settings) -> dict[str, Any]:
+    write, approve = settings.refunds_write_scope, settings.refunds_approve_scope
+    request_id = _ref("parameters", "X-Request-Id")
+    order = ("Checked in this order: token (401), scope (403), body (422 `validation_error`), "
+             "the refund (404 `not_found`)")
+    decisions = {
+        "approve": (
+            "approveRefund", "Approve a refund awaiting approval (four eyes)",
+            f"{order}, who asks (403 `self_approval`: never the refund's initiator), its "
+            "status (409 `not_awaiting_approval`; 409 `charge_disputed` when the charge was "
+            "disputed meanwhile). The refund becomes `pending` and is sent to the workers "
+            "after the decision is committed.",
+            approve, "The refund, now `pending`.",
+            "Not awaiting approval (`not_awaiting_approval`: already decided, withdrawn, "
+            "expired or never held), or the charge is disputed (`charge_disputed`).",
+        ),
+        "reject": (
+            "rejectRefund", "Reject a refund awaiting approval",
+            f"{order}, who asks (403 `self_approval`), its status (409 "
+            "`not_awaiting_approval`). The refund becomes `canceled`; what it held is free "
+            "again.",
+            approve, "The refund, now `canceled`.",
+            "Not awaiting approval (`not_awaiting_approval`).",
+        ),
+        "cancel": (
+            "cancelRefund", "Withdraw a refund nothing has sent to Stripe",
+            f"{order}, its status (409 `cannot_cancel`, the message says why). A refund "
+            "`awaiting_approval`, or `pending` with no attempt at Stripe yet, becomes "
+            "`canceled`. Safe against a worker taking it at the same moment: exactly one wins.",
+            write, "The refund, now `canceled`.",
+            "Already sent to Stripe, finished or already canceled (`cannot_cancel`).",
+        ),
+    }
+    paths: dict[str, Any] = {}
+    for action, (operation_id, summary, description, scope, ok, conflict) in decisions.items():
+        forbidden = (f"The token lacks the `{scope}` scope (`forbidden`), or the caller "
+                     "initiated this refund (`self_approval`)." if scope == approve else
+                     f"The token lacks the `{scope}` scope. `error`: `forbidden`.")
+        paths[f"/v1/admin/refunds/{{refund_id}}/{action}"] = {
+            "post": {
+                "operationId": operation_id,
+                "summary": summary,
+                "description": description,
+                "security": [{"bearerAuth": [scope]}],
+                "parameters": [
+                    {"name": "refund_id", "in": "path", "required": True,
+                     "schema": {"type": "string"}},
+                    request_id,
+                ],
+                "requestBody": {"required": False,
+                                "content": _json(_ref("schemas", "Decision"))},
+                "responses": {
+                    "200": _ok(ok, _json(_ref("schemas", "Refund"))),
+                    **_auth_errors(scope),
+                    "403": _error(forbidden),
+                    "404": _error("No refund has that id. `error`: `not_found`."),
+                    "409": _error(conflict),
+                    "413": _ref("responses", "TooLarge"),
+                    "422": _error("The body is not a JSON object, has unknown fields, or a "
+                                  f"note over {NOTE_MAX} characters. `error`: "
+                                  "`validation_error`."),
+                },
+            },
+        }
+    return paths
+
+
 def build_document(settings: Settings) -> dict[str, Any]:
     write, read = settings.refunds_write_scope, settings.refunds_read_scope
     paths = _paths(settings)
@@ -390,7 +503,9 @@ def build_document(settings: Settings) -> dict[str, Any]:
                     "bearerFormat": "JWT",
                     "description": f"HS256 or RS256 (JWKS) JWT with `exp` and `sub`. Scopes in "
                                    f"`scope` (space-separated) or `scp`/`scopes` (lists): "
-                                   f"`{write}` to create refunds, `{read}` to read them.",
+                                   f"`{write}` to create refunds, `{read}` to read them, "
+                                   f"`{settings.refunds_approve_scope}` to approve or reject "
+                                   "refunds awaiting approval.",
                 },
             },
             "schemas": _schemas(),

@@ -14,6 +14,7 @@ from shared import refunds
 from shared.celery_app import enqueue_refund
 from shared.db import unit_of_work
 from shared.idempotency import request_fingerprint
+from shared.models import RefundStatus
 
 bp = Blueprint("refunds", __name__, url_prefix="/v1/admin/refunds")
 
@@ -80,7 +81,8 @@ def create_refund() -> Response:
             fingerprint=request_fingerprint(body.model_dump()),
         )
     g.refund_id = result.refund_id  # for the request's log line
-    if not result.replayed:
+    # A refund awaiting approval is enqueued when it is approved (api/approvals.py).
+    if not result.replayed and result.body["status"] == RefundStatus.PENDING:
         enqueue_refund(result.refund_id)
     response = Response(json.dumps(result.body), status=result.status, mimetype="application/json")
     response.headers["Location"] = f"{bp.url_prefix}/{result.refund_id}"

@@ -18,6 +18,7 @@ from pydantic import (
 MAX_SAFE_INTEGER = 2**53
 CHARGE_ID_MAX = 255
 REASON_MAX = 500
+NOTE_MAX = 500
 LIST_LIMIT_MAX = 100
 LIST_LIMIT_DEFAULT = 20
 CURSOR_MAX = 512
@@ -30,7 +31,8 @@ PrintableId = Annotated[
 ]
 
 RefundStatusName = Literal[
-    "pending", "processing", "requires_action", "succeeded", "failed", "canceled"
+    "awaiting_approval", "pending", "processing", "requires_action", "succeeded", "failed",
+    "canceled",
 ]
 
 
@@ -58,6 +60,14 @@ class RefundCreate(BaseModel):
         if self.amount_cents is None and not self.full:
             raise ValueError('give amount_cents (a positive integer) or "full": true')
         return self
+
+
+class Decision(BaseModel):
+    """The optional body of approve, reject and cancel (SPEC 12)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    note: Annotated[str, Field(max_length=NOTE_MAX, pattern=NO_NUL_PATTERN)] | None = None
 
 
 class RefundListQuery(BaseModel):

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Mapping
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_JWT_SECRET = "dev-only-insecure-jwt-secret-change-me"  # noqa: S105 - the documented local default
@@ -72,6 +73,38 @@ class Settings(BaseSettings):
     console_cookie_secure: bool = False  # set true wherever the console is served over HTTPS
     flower_url: str | None = None  # where operators open Flower, for links to tasks
 
+    # Four eyes for large refunds (SPEC 12). A refund at or above its currency's threshold
+    # (APPROVAL_THRESHOLDS, e.g. "usd=50000,jpy=5000000", in the currency's smallest unit),
+    # else APPROVAL_THRESHOLD_CENTS, waits for a second person. Neither set: off.
+    approval_threshold_cents: int | None = Field(default=None, gt=0)
+    approval_thresholds: str | None = None
+    approval_expires_seconds: float = Field(default=72 * 3600.0, gt=0)
+    refunds_approve_scope: str = "refunds:approve"
+
+    @field_validator("approval_threshold_cents", "approval_thresholds", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("approval_thresholds")
+    @classmethod
+    def _thresholds_parse(cls, value: str | None) -> str | None:
+        if value is not None:
+            _parse_thresholds(value)  # refuse a malformed list at start, not on a refund
+        return value
+
+    @field_validator("refunds_approve_scope")
+    @classmethod
+    def _one_scope(cls, value: str) -> str:
+        if not value or value.split() != [value]:
+            raise ValueError("must be one scope name, without spaces")
+        return value
+
+    def approval_threshold(self, currency: str) -> int | None:
+        """The amount at or above which a refund in ``currency`` needs approval; None: never."""
+        per_currency = _parse_thresholds(self.approval_thresholds or "")
+        return per_currency.get(currency.lower(), self.approval_threshold_cents)
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if not self.database_url.startswith(("postgresql", "postgres")):
@@ -112,6 +145,25 @@ class Settings(BaseSettings):
             if url.startswith(prefix):
                 return "postgresql+psycopg://" + url[len(prefix) :]
         return url
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_thresholds(value: str) -> Mapping[str, int]:
+    """``"usd=50000,jpy=5000000"`` -> ``{"usd": 50000, "jpy": 5000000}``, or ValueError."""
+    thresholds: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        currency, sep, amount = (part.strip() for part in item.partition("="))
+        currency = currency.lower()
+        if not sep or len(currency) != 3 or not (currency.isascii() and currency.isalpha()):
+            raise ValueError(f"{item!r} is not currency=amount, e.g. usd=50000,jpy=5000000")
+        if not (amount.isascii() and amount.isdigit() and int(amount) > 0):
+            raise ValueError(
+                f"the amount for {currency} must be a positive integer in its smallest unit"
+            )
+        if currency in thresholds:
+            raise ValueError(f"{currency} is given twice")
+        thresholds[currency] = int(amount)
+    return thresholds
 
 
 def load_settings() -> Settings:

@@ -41,3 +41,15 @@ class AmountExceedsRefundable(RefundServiceError):
 
 class IdempotencyKeyReused(RefundServiceError):
     code = "idempotency_key_reused"
+
+
+class SelfApproval(RefundServiceError):
+    code = "self_approval"
+
+
+class NotAwaitingApproval(RefundServiceError):
+    code = "not_awaiting_approval"
+
+
+class CannotCancel(RefundServiceError):
+    code = "cannot_cancel"

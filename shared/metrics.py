@@ -248,10 +248,13 @@ def process_registry() -> CollectorRegistry:
 
 def exposition(*, stuck_alert_seconds: float, include_db: bool = True) -> bytes:
     """The Prometheus text for ``/metrics``."""
+    from shared.approval_metrics import AwaitingApprovalCollector
+
     out = generate_latest(process_registry())
     if include_db:
         db_registry = CollectorRegistry(auto_describe=False)
         db_registry.register(RefundStateCollector(stuck_alert_seconds))
+        db_registry.register(AwaitingApprovalCollector())
         out += generate_latest(db_registry)
     return out
 

@@ -43,6 +43,7 @@ class Base(DeclarativeBase):
 
 
 class RefundStatus(enum.StrEnum):
+    AWAITING_APPROVAL = "awaiting_approval"  # four eyes (SPEC 12): held until a second person
     PENDING = "pending"
     PROCESSING = "processing"
     REQUIRES_ACTION = "requires_action"
@@ -54,6 +55,15 @@ class RefundStatus(enum.StrEnum):
 #: Refunds in these states do not count against what is left on a payment.
 RELEASED_STATUSES = (RefundStatus.FAILED, RefundStatus.CANCELED)
 TERMINAL_STATUSES = (RefundStatus.SUCCEEDED, RefundStatus.FAILED, RefundStatus.CANCELED)
+
+
+class Decision(enum.StrEnum):
+    """What a person (or the reconciler, on expiry) decided about a refund before Stripe."""
+
+    APPROVED = "approved"  # awaiting_approval -> pending
+    REJECTED = "rejected"  # awaiting_approval -> canceled, by an approver
+    WITHDRAWN = "withdrawn"  # awaiting_approval or unsent pending -> canceled, by a writer
+    EXPIRED = "expired"  # awaiting_approval -> canceled, by the reconciler
 
 
 def _now_column() -> Mapped[datetime]:
@@ -108,12 +118,24 @@ class Refund(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = _now_column()
     updated_at: Mapped[datetime] = _now_column()
+    # Four eyes (SPEC 12): the threshold in force when a refund was held for approval
+    # (NULL: it needed none), and the one decision taken on it before Stripe. The audit
+    # trail has the same facts; these columns let lists and the console show them.
+    approval_threshold: Mapped[int | None] = mapped_column(BigInteger)
+    decision: Mapped[str | None] = mapped_column(String(20))
+    decided_by: Mapped[str | None] = mapped_column(String(255))
+    decided_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    decision_note: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         CheckConstraint("amount > 0", name="amount_positive"),
         CheckConstraint(
-            "status IN ('pending','processing','requires_action','succeeded','failed','canceled')",
+            "status IN ('awaiting_approval','pending','processing','requires_action',"
+            "'succeeded','failed','canceled')",
             name="status_known",
+        ),
+        CheckConstraint(
+            "decision IN ('approved','rejected','withdrawn','expired')", name="decision_known"
         ),
         Index("ix_refunds_payment_id", "payment_id"),
         Index("ix_refunds_charge_id", "charge_id"),

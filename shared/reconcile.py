@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
+from shared.approvals import expire_approvals
 from shared.celery_app import enqueue_refund, enqueue_stripe_event
 from shared.config import get_settings
 from shared.db import get_engine, unit_of_work
@@ -54,6 +55,7 @@ def reconcile_once(
         if not held:
             log.info("another reconcile pass is running; skipped")
             return {"skipped": True}
+        expired_approvals = expire_approvals()
         requeued = _requeue_stuck_pending(enqueue)
         polled, moved, errors = _poll_in_flight(gateway)
         events = _resend_unapplied_events()
@@ -69,6 +71,7 @@ def reconcile_once(
         )
     summary = {
         "skipped": False,
+        "approvals_expired": expired_approvals,
         "reenqueued": requeued,
         "polled": polled,
         "moved": moved,
@@ -104,7 +107,9 @@ def _stuck_condition() -> Any:
     # Age counts from creation: an attempt or a poll touches updated_at, not the
     # customer's wait.
     older = func.now() - timedelta(seconds=get_settings().stuck_alert_seconds)
-    return Refund.status.not_in(TERMINAL_STATUSES) & (Refund.created_at < older)
+    # A refund awaiting approval waits for a person, not for Stripe: never stuck.
+    waiting = (*TERMINAL_STATUSES, RefundStatus.AWAITING_APPROVAL)
+    return Refund.status.not_in(waiting) & (Refund.created_at < older)
 
 
 @contextmanager

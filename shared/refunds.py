@@ -15,6 +15,7 @@ from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
 from shared import idempotency
+from shared.config import get_settings
 from shared.db import driver_cursor
 from shared.errors import ChargeDisputed, NotFound, PaymentNotSucceeded
 from shared.models import Refund, RefundEvent, RefundStatus, new_id
@@ -56,8 +57,11 @@ def initiate_refund(
 ) -> Initiated:
     """Record a pending refund in one transaction and commit it.
 
-    The caller enqueues the refund for the worker after this returns (never before the
-    commit). Raises a ``RefundServiceError`` for every rejected request; nothing is
+    A refund at or above the approval threshold of its currency is recorded
+    ``awaiting_approval`` instead (SPEC 12): it holds its amount but is not sent until a
+    second person approves it. The caller enqueues a ``pending`` refund for the worker
+    after this returns (never before the commit), and never one awaiting approval.
+    Raises a ``RefundServiceError`` for every rejected request; nothing is
     written then.
     """
     if idempotency_key is not None:
@@ -92,9 +96,18 @@ def initiate_refund(
         currency=payment.currency,
     )
 
+    threshold = get_settings().approval_threshold(payment.currency)
+    held_for_approval = threshold is not None and amount >= threshold
+    status = RefundStatus.AWAITING_APPROVAL if held_for_approval else RefundStatus.PENDING
+    detail: dict[str, Any] = {
+        "amount": amount, "reason": request.reason, "full": request.amount_cents is None
+    }
+    if held_for_approval:
+        detail["approval_threshold"] = threshold
+
     refund_id = new_id("rf")
     cursor.execute(
-        _INSERT_PENDING_REFUND,
+        _INSERT_REFUND,
         {
             "id": refund_id,
             "payment_id": payment.id,
@@ -104,9 +117,9 @@ def initiate_refund(
             "reason": request.reason,
             "stripe_idempotency_key": stripe_idempotency_key(refund_id),
             "actor": initiated_by,
-            "detail": Jsonb(
-                {"amount": amount, "reason": request.reason, "full": request.amount_cents is None}
-            ),
+            "status": status,
+            "approval_threshold": threshold if held_for_approval else None,
+            "detail": Jsonb(detail),
         },
     )
     body = initiated_body(
@@ -114,7 +127,7 @@ def initiate_refund(
         payment_id=payment.id,
         charge_id=payment.charge_id,
         amount=amount,
-        status=RefundStatus.PENDING,
+        status=status,
         stripe_refund_id=None,
     )
     if idempotency_key is not None:
@@ -156,17 +169,18 @@ _LOCK_BY_PAYMENT = """
     FOR UPDATE OF p
 """
 _REFUNDS_OF_PAYMENT = "SELECT amount, status FROM refunds WHERE payment_id = %(payment_id)s"
-# The refund and its first audit event in one statement (one round trip).
-_INSERT_PENDING_REFUND = """
+# The refund (pending, or awaiting approval) and its first audit event in one statement
+# (one round trip).
+_INSERT_REFUND = """
     WITH refund AS (
         INSERT INTO refunds (id, payment_id, charge_id, amount, currency, status, reason,
-                             stripe_idempotency_key, initiated_by)
-        VALUES (%(id)s, %(payment_id)s, %(charge_id)s, %(amount)s, %(currency)s, 'pending',
-                %(reason)s, %(stripe_idempotency_key)s, %(actor)s)
-        RETURNING id
+                             stripe_idempotency_key, initiated_by, approval_threshold)
+        VALUES (%(id)s, %(payment_id)s, %(charge_id)s, %(amount)s, %(currency)s, %(status)s,
+                %(reason)s, %(stripe_idempotency_key)s, %(actor)s, %(approval_threshold)s)
+        RETURNING id, status
     )
     INSERT INTO refund_events (refund_id, from_status, to_status, actor, detail)
-    SELECT id, NULL, 'pending', %(actor)s, %(detail)s FROM refund
+    SELECT id, NULL, status, %(actor)s, %(detail)s FROM refund
 """
 
 
@@ -221,6 +235,12 @@ def refund_body(refund: Refund, events: list[RefundEvent] | None = None) -> dict
         "created_at": _iso(refund.created_at),
         "updated_at": _iso(refund.updated_at),
         "attempts": refund.attempts,
+        # Four eyes (SPEC 12): who asked is initiated_by; these say who decided and when.
+        "approval_threshold_cents": refund.approval_threshold,
+        "decision": refund.decision,
+        "decided_by": refund.decided_by,
+        "decided_at": _iso(refund.decided_at) if refund.decided_at is not None else None,
+        "decision_note": refund.decision_note,
     }
     if events is not None:
         body["events"] = [

@@ -23,11 +23,12 @@ S = RefundStatus
 
 #: target status -> statuses it may be reached from
 ALLOWED_SOURCES: dict[RefundStatus, frozenset[RefundStatus]] = {
+    S.PENDING: frozenset({S.AWAITING_APPROVAL}),  # approved (shared.approvals)
     S.PROCESSING: frozenset({S.PENDING}),
     S.REQUIRES_ACTION: frozenset({S.PENDING}),
     S.SUCCEEDED: frozenset({S.PENDING, S.PROCESSING, S.REQUIRES_ACTION}),
     S.FAILED: frozenset({S.PENDING, S.PROCESSING, S.REQUIRES_ACTION, S.SUCCEEDED}),
-    S.CANCELED: frozenset({S.PENDING, S.PROCESSING, S.REQUIRES_ACTION}),
+    S.CANCELED: frozenset({S.AWAITING_APPROVAL, S.PENDING, S.PROCESSING, S.REQUIRES_ACTION}),
 }
 
 #: Columns a move may set besides the status (names are never taken from input).

@@ -288,3 +288,7 @@ def reconcile(refund_id: str) -> Any:
             "ok",
         )
     return redirect(url_for(".refund", refund_id=refund_id), code=303)
+
+
+# The approvals pages register their views on this blueprint.
+from api.console import approvals  # noqa: E402, F401

@@ -33,6 +33,7 @@ CSRF_FIELD = "csrf_token"
 class Operator:
     subject: str
     can_write: bool
+    can_approve: bool = False  # REFUNDS_APPROVE_SCOPE: may decide on others' large refunds
 
 
 class LoginRefused(Exception):
@@ -85,12 +86,15 @@ def sign_in(raw_token: str, settings: Settings) -> Operator:
     # authenticate() verified the signature and required 'exp'; only read it here.
     token_exp = int(jwt.decode(token, options={"verify_signature": False})["exp"])
     operator = Operator(
-        subject=caller.subject, can_write=settings.refunds_write_scope in caller.scopes
+        subject=caller.subject,
+        can_write=settings.refunds_write_scope in caller.scopes,
+        can_approve=settings.refunds_approve_scope in caller.scopes,
     )
     session.clear()  # a new session and CSRF token: nothing from before sign-in carries over
     session.permanent = True
     session["sub"] = operator.subject
     session["write"] = operator.can_write
+    session["approve"] = operator.can_approve
     session["exp"] = min(token_exp, int(time.time() + MAX_SESSION.total_seconds()))
     session[CSRF_FIELD] = secrets.token_urlsafe(32)
     return operator
@@ -105,7 +109,11 @@ def current_operator() -> Operator | None:
     exp = session.get("exp")
     if not isinstance(subject, str) or not isinstance(exp, int) or exp <= time.time():
         return None
-    return Operator(subject=subject, can_write=bool(session.get("write")))
+    return Operator(
+        subject=subject,
+        can_write=bool(session.get("write")),
+        can_approve=bool(session.get("approve")),
+    )
 
 
 def csrf_token() -> str:

@@ -55,6 +55,9 @@ SPEC_ENDPOINTS = {
     ("post", "/v1/admin/refunds"),
     ("get", "/v1/admin/refunds"),
     ("get", "/v1/admin/refunds/{refund_id}"),
+    ("post", "/v1/admin/refunds/{refund_id}/approve"),  # SPEC 12
+    ("post", "/v1/admin/refunds/{refund_id}/reject"),
+    ("post", "/v1/admin/refunds/{refund_id}/cancel"),
     ("post", "/v1/webhooks/stripe"),
     ("get", "/healthz"),
     ("get", "/readyz"),
@@ -184,6 +187,7 @@ def test_list_parameters_match_what_the_api_accepts(doc, contract) -> None:
     limit = params["limit"]["schema"]
     assert (limit["minimum"], limit["maximum"], limit["default"]) == (1, 100, 20)
     assert set(params["status"]["schema"]["enum"]) == {
+        "awaiting_approval",
         "pending",
         "processing",
         "requires_action",

@@ -70,6 +70,11 @@ def test_get_one_has_every_field_and_the_audit_trail_oldest_first(
         "created_at",
         "updated_at",
         "attempts",
+        "approval_threshold_cents",
+        "decision",
+        "decided_by",
+        "decided_at",
+        "decision_note",
         "events",
     }
     assert body["refund_id"] == created["refund_id"]

@@ -60,6 +60,7 @@ STACK_SETTINGS = {
     "STRIPE_TIMEOUT_SECONDS": "2",  # [10]
     "CLAIM_LEASE_SECONDS": "15",  # [90]: a killed worker's refund waits this long
     "STRIPE_MAX_RPS": "500",  # [25]
+    "APPROVAL_THRESHOLD_CENTS": "20000",  # [unset: off]; other tests refund less than this
 }
 
 

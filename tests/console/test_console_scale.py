@@ -22,6 +22,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session
 
+from shared import approvals
 from shared import console_queries as queries
 from tests.conftest import DB_NAME, PG_ADMIN_URL, _admin_execute
 from tests.support import token, wait_for_http, web_process
@@ -51,7 +52,8 @@ SEED = [
     FROM generate_series(1, :payments) g
     """,
     # One refund every 25 s back from now: ~144 in the last hour; 0.1 % each of pending,
-    # processing and requires_action (mostly stuck), 2 % failed, 0.2 % canceled.
+    # processing, requires_action (mostly stuck) and awaiting_approval, 2 % failed, 0.2 %
+    # canceled.
     """
     INSERT INTO refunds (id, payment_id, charge_id, amount, currency, status,
                          stripe_refund_id, stripe_idempotency_key, failure_reason,
@@ -59,7 +61,7 @@ SEED = [
     SELECT 'rf_scale' || lpad(g::text, 6, '0'),
            'pay_scale' || (g % :payments + 1), 'ch_scale' || (g % :payments + 1),
            100 + g % 900, 'usd', s.status,
-           CASE WHEN s.status <> 'pending' THEN 're_scale' || g END,
+           CASE WHEN s.status NOT IN ('pending', 'awaiting_approval') THEN 're_scale' || g END,
            'refund-rf_scale' || g,
            CASE WHEN s.status = 'failed' THEN 'insufficient_funds: not enough balance' END,
            'agent' || (g % 25) || '@example.com',
@@ -73,6 +75,7 @@ SEED = [
         WHEN g % 1000 = 7 THEN 'pending'
         WHEN g % 1000 = 8 THEN 'processing'
         WHEN g % 1000 = 9 THEN 'requires_action'
+        WHEN g % 1000 = 10 THEN 'awaiting_approval'
         WHEN g % 50 = 0 THEN 'failed'
         WHEN g % 500 = 1 THEN 'canceled'
         ELSE 'succeeded' END AS status) s
@@ -86,7 +89,7 @@ SEED = [
     INSERT INTO refund_events (refund_id, from_status, to_status, actor, detail, created_at)
     SELECT id, 'pending', status, 'worker',
            jsonb_build_object('stripe_refund_id', stripe_refund_id), updated_at
-    FROM refunds WHERE status <> 'pending'
+    FROM refunds WHERE status NOT IN ('pending', 'awaiting_approval')
     """,
 ]
 
@@ -159,6 +162,8 @@ def _console_statements(engine: Engine) -> list[tuple[str, str, Any]]:
             label = "refund page"
             queries.refund_detail(session=session, refund_id="rf_scale000507",
                                   stuck_after_seconds=300, stuck_alert_seconds=3600)
+            label = "approvals"
+            approvals.approval_queue(session=session, limit=200)
     finally:
         event.remove(engine, "before_cursor_execute", capture)
     return [c for c in captured if not re.fullmatch(r"\s*SELECT now\(\)[^,]*", c[1])]
@@ -223,6 +228,7 @@ def test_console_pages_are_fast_on_100k_refunds(
             "refunds, operator": "/console/refunds?initiated_by=agent3%40example.com",
             "refunds, payment": "/console/refunds?payment_id=pay_scale123",
             "refund page": "/console/refunds/rf_scale000507",
+            "approvals": "/console/approvals",
         }
         timings = {}
         for name, path in pages.items():

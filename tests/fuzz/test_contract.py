@@ -3,7 +3,7 @@
 Every operation the running server publishes is fuzzed, with schema-valid requests
 (``positive``) and requests that break the schema (``negative``), on a gunicorn with
 real Postgres, Redis, a Celery worker and the Stripe emulator, with a token holding
-both scopes. Positive bodies name real charges half of the time, and refund paths
+every scope. Positive bodies name real charges half of the time, and refund paths
 real refunds, so requests reach past "not found" into the money rules, the worker
 and Stripe.
 
@@ -51,6 +51,8 @@ FUZZ_DERANDOMIZE = "FUZZ_EXAMPLES" not in os.environ
 #: Every operation the service publishes; a new one must be added here, so it is fuzzed.
 OPERATIONS = {
     "POST /v1/admin/refunds", "GET /v1/admin/refunds", "GET /v1/admin/refunds/{refund_id}",
+    "POST /v1/admin/refunds/{refund_id}/approve", "POST /v1/admin/refunds/{refund_id}/reject",
+    "POST /v1/admin/refunds/{refund_id}/cancel",
     "POST /v1/webhooks/stripe", "GET /healthz", "GET /readyz", "GET /metrics",
     "GET /openapi.json",
 }
@@ -171,7 +173,10 @@ def test_operation_keeps_its_contract(
     checks = [_check(name) for name in BUILT_IN] + [errors_are_json_error_bodies]
     if mode is GenerationMode.POSITIVE:
         checks.append(schema_valid_requests_pass_validation)
-    headers = auth(settings)
+    # Every scope: approve and reject reach past 403 (the refunds' initiator is another
+    # caller, so a decision is taken, or refused as 409, as the refund's state says).
+    headers = auth(settings, sub="fuzzer@example.com",
+                   scopes=("refunds:read", "refunds:write", "refunds:approve"))
     real = mode is GenerationMode.POSITIVE
     cases = st.builds(
         with_real_ids,
