@@ -94,7 +94,7 @@ def _worker_health(args: argparse.Namespace) -> int:
 def _flower(args: argparse.Namespace) -> int:
     from worker.flower import main as flower_main
 
-    return flower_main()
+    return flower_main(args.passthrough)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,7 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node", help="ping only this worker, e.g. worker@host")
     p.add_argument("--this-host", action="store_true", help="only workers named ...@<hostname>")
 
-    add("flower", _flower, "Run Flower; needs FLOWER_BASIC_AUTH; other FLOWER_* variables apply.")
+    p = add(
+        "flower",
+        _flower,
+        "Run Flower; needs FLOWER_BASIC_AUTH. Flower's own options (--port, --address, "
+        "--url_prefix...) and FLOWER_* variables apply, as with `celery flower`.",
+    )
+    p.set_defaults(passes_options_through=True)
 
     p = add(
         "stripe-emulator", _stripe_emulator, "Run the Stripe emulator for development and tests."
@@ -148,7 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Options this parser does not know go to the program a subcommand wraps (Flower's
+    # own), and are an error anywhere else.
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "passes_options_through", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.passthrough = rest
     return int(args.func(args))
 
 
