@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=8, ge=1)
     worker_concurrency: int = Field(default=8, ge=1, le=64)
 
+    # /metrics (web and worker) answers only "Authorization: Bearer <token>" when set;
+    # required in production (shared/production.py).
+    metrics_token: str | None = None
+
     port: int = Field(default=8000, ge=1, le=65535)
     max_request_bytes: int = Field(default=64 * 1024, gt=0)
     flower_basic_auth: str | None = None

@@ -18,9 +18,12 @@ its own registry on ``WORKER_METRICS_PORT`` (``start_worker_metrics_server``).
 
 from __future__ import annotations
 
+import hmac
+import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,9 +36,14 @@ from prometheus_client import (
     Counter,
     Histogram,
     generate_latest,
-    start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import (
+    ThreadingWSGIServer,
+    _SilentHandler,
+    make_server,
+    make_wsgi_app,
+)
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -293,13 +301,53 @@ def exposition(*, stuck_alert_seconds: float, include_db: bool = True) -> bytes:
     return out
 
 
-def start_worker_metrics_server(port: int, addr: str = "0.0.0.0") -> bool:  # noqa: S104 - internal network
-    """Serve this process's metrics on ``addr:port``; a port in use is logged, not fatal:
-    refunds keep flowing without metrics."""
+METRICS_UNAUTHORIZED = {
+    "error": "unauthorized",
+    "message": "Send the metrics token: Authorization: Bearer <METRICS_TOKEN>.",
+}
+
+
+def scrape_allowed(authorization: str | None, token: str | None) -> bool:
+    """Whether a scrape with this ``Authorization`` header may read the metrics: always
+    when no METRICS_TOKEN is set, else only with ``Bearer <token>`` (compared in constant
+    time)."""
+    if not token:
+        return True
+    scheme, _, given = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    )
+
+
+def _token_guard(app: Any, token: str | None) -> Any:
+    """The WSGI app behind the METRICS_TOKEN check, answering 401 JSON like the web's."""
+
+    def guarded(environ: dict[str, Any], start_response: Any) -> Any:
+        if scrape_allowed(environ.get("HTTP_AUTHORIZATION"), token):
+            return app(environ, start_response)
+        body = json.dumps(METRICS_UNAUTHORIZED).encode()
+        start_response(
+            "401 Unauthorized",
+            [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+             ("WWW-Authenticate", 'Bearer realm="metrics"')],
+        )
+        return [body]
+
+    return guarded
+
+
+def start_worker_metrics_server(
+    port: int, addr: str = "0.0.0.0", *, token: str | None = None  # noqa: S104 - internal network
+) -> bool:
+    """Serve this process's metrics on ``addr:port``, behind ``token`` when one is set
+    (the same METRICS_TOKEN as the web's, so one Prometheus credential scrapes both).
+    A port in use is logged, not fatal: refunds keep flowing without metrics."""
     if port == 0:
         return False
     try:
-        start_http_server(port, addr=addr, registry=process_registry())
+        app = _token_guard(make_wsgi_app(process_registry()), token)
+        httpd = make_server(addr, port, app, ThreadingWSGIServer, handler_class=_SilentHandler)
+        threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
     except OSError as exc:
         log.error(
             "worker metrics not served: port %s unavailable (%s); set WORKER_METRICS_PORT",
