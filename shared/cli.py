@@ -65,8 +65,11 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    from shared.production import verdict
+
+    # load_settings exits non-zero with the problems on one line, production's included.
     settings = load_settings()
-    print(f"configuration ok (database {settings.sqlalchemy_url.rsplit('@', 1)[-1]})")
+    print(f"{verdict(settings)} (database {settings.sqlalchemy_url.rsplit('@', 1)[-1]})")
     return 0
 
 
