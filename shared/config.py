@@ -70,6 +70,10 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: float = Field(default=60.0, gt=0)
     stuck_after_seconds: float = Field(default=300.0, gt=0)
     stuck_alert_seconds: float = Field(default=3600.0, gt=0)
+    # Retention (SPEC 7), applied by beat: idempotency keys are honoured for 24 h, so
+    # their records may not go sooner; Stripe redelivers an event for 3 days at most.
+    idempotency_retention_seconds: float = Field(default=24 * 3600.0, ge=24 * 3600.0)
+    stripe_event_retention_seconds: float = Field(default=30 * 24 * 3600.0, ge=3 * 24 * 3600.0)
 
     # Worker retries of transient Stripe errors (SPEC 6): countdown base * 2**n with jitter,
     # capped by celery_app.MAX_RETRY_COUNTDOWN_SECONDS; after max_attempts the reconciler owns it.

@@ -143,6 +143,9 @@ class IdempotencyRecord(Base):
     response_body: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     created_at: Mapped[datetime] = _now_column()
 
+    # Retention deletes by age (shared/retention.py).
+    __table_args__ = (Index("ix_idempotency_records_created_at", "created_at"),)
+
 
 class StripeEvent(Base):
     """Stripe event ids already handled, so a redelivered webhook changes nothing."""
@@ -152,3 +155,5 @@ class StripeEvent(Base):
     id: Mapped[str] = mapped_column(String(255), primary_key=True)
     type: Mapped[str] = mapped_column(String(100), nullable=False)
     received_at: Mapped[datetime] = _now_column()
+
+    __table_args__ = (Index("ix_stripe_events_received_at", "received_at"),)

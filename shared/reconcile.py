@@ -5,7 +5,9 @@ One pass:
    message, a crashed worker, a flushed broker: the pending row is the outbox);
 2. asks Stripe about refunds it still holds as ``pending``/``requires_action`` (our
    ``processing``/``requires_action``) and moves ours on;
-3. reports refunds unfinished for longer than STUCK_ALERT_SECONDS, at error level.
+3. deletes idempotency records and Stripe event ids past their retention
+   (``shared.retention``);
+4. reports refunds unfinished for longer than STUCK_ALERT_SECONDS, at error level.
 
 A Postgres advisory lock makes passes exclusive across processes and machines, and
 rows are taken with ``SKIP LOCKED``, so a pass never waits behind other work.
@@ -28,6 +30,7 @@ from shared.db import get_engine, unit_of_work
 from shared.models import TERMINAL_STATUSES, Payment, Refund, RefundStatus
 from shared.rate_limit import RateLimited
 from shared.refund_updates import apply_stripe_refund
+from shared.retention import delete_expired
 from shared.stripe_gateway import GATEWAY_ERRORS, StripeGateway, classify_error, get_gateway
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,7 @@ def reconcile_once(
             return {"skipped": True}
         requeued = _requeue_stuck_pending(enqueue)
         polled, moved, errors = _poll_in_flight(gateway)
+        deleted = delete_expired()
         with unit_of_work() as session:
             stuck = stuck_counts(session)
             stuck_ids = stuck_refund_ids(session, limit=STUCK_IDS_REPORTED)
@@ -70,6 +74,7 @@ def reconcile_once(
         "polled": polled,
         "moved": moved,
         "poll_errors": errors,
+        **deleted,
         "stuck": total_stuck,
         "stuck_by_status": stuck,
         "stuck_refund_ids": stuck_ids,
