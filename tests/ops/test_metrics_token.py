@@ -15,7 +15,7 @@ import pytest
 from shared.metrics import start_worker_metrics_server
 from tests.support import free_port, wait_for_http, web_process
 
-TOKEN = "metrics-token-for-the-tests-0123456789"  # noqa: S105
+TOKEN = "metrics-token-for-the-tests-0123456789"
 
 
 def _assert_refused(resp: httpx.Response) -> None:
