@@ -7,8 +7,9 @@ Where the numbers come from:
 - Stripe call latency: ``StripeHttpClient``, the HTTP client the Stripe adapter uses,
   times every request; code calling Stripe some other way wraps it in
   ``with stripe_call_timer(method, endpoint): ...``.
-- Refunds by status, the age of the oldest non-terminal refund and the stuck count:
-  ``RefundStateCollector`` queries Postgres at scrape time (indexed, 2 s cap).
+- Refunds by status, the age of the oldest non-terminal refund and the stuck count
+  (``shared.stuck``): ``RefundStateCollector`` queries Postgres at scrape time
+  (indexed, 2 s cap).
 
 Processes: gunicorn runs several worker processes, so the web uses prometheus_client's
 multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, set up by ``gunicorn.conf.py``) and
@@ -132,9 +133,17 @@ def observe_refund_outcome(outcome: str) -> None:
     REFUND_OUTCOMES.labels(outcome).inc()
 
 
+#: Numbers in a reconcile pass's summary that are levels, not things the pass did: the
+#: gauges read them from Postgres; adding them to a counter every pass would count each
+#: stuck refund again every minute.
+RECONCILE_LEVELS = frozenset({"stuck"})
+
+
 def observe_reconcile(counts: dict[str, Any]) -> None:
     """Add a reconcile pass's counts, e.g. ``{"reenqueued": 2, "polled": 5}``."""
     for action, value in counts.items():
+        if action in RECONCILE_LEVELS:
+            continue
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             RECONCILE_ACTIONS.labels(action).inc(value)
 
@@ -191,8 +200,7 @@ class StripeHttpClient(stripe.RequestsClient):
 _STATE_QUERY = """
 SELECT status,
        count(*) AS n,
-       coalesce(extract(epoch FROM now() - min(created_at)), 0) AS oldest_age,
-       count(*) FILTER (WHERE updated_at < now() - make_interval(secs => :stuck_after)) AS stuck
+       coalesce(extract(epoch FROM now() - min(created_at)), 0) AS oldest_age
 FROM refunds
 WHERE status IN ('pending', 'processing', 'requires_action')
 GROUP BY status
@@ -219,6 +227,7 @@ class RefundStateCollector(Collector):
         from sqlalchemy import text
 
         from shared.db import get_engine
+        from shared.stuck import stuck_counts
 
         up = GaugeMetricFamily(
             "refunds_db_metrics_up", "1 if the refund gauges below could be read from Postgres."
@@ -233,7 +242,8 @@ class RefundStateCollector(Collector):
         )
         stuck = GaugeMetricFamily(
             "refunds_stuck",
-            "Non-terminal refunds not updated for STUCK_ALERT_SECONDS, by status.",
+            "Open refunds without progress at Stripe (no status change) for longer than "
+            "STUCK_ALERT_SECONDS, by status (shared/stuck.py).",
             labels=["status"],
         )
         recent = GaugeMetricFamily(
@@ -245,12 +255,8 @@ class RefundStateCollector(Collector):
         try:
             with get_engine().connect() as conn:
                 conn.execute(text(f"SET LOCAL statement_timeout = {SCRAPE_QUERY_TIMEOUT_MS}"))
-                rows = {
-                    r.status: r
-                    for r in conn.execute(
-                        text(_STATE_QUERY), {"stuck_after": self.stuck_alert_seconds}
-                    )
-                }
+                rows = {r.status: r for r in conn.execute(text(_STATE_QUERY))}
+                stuck_rows = stuck_counts(conn, threshold_seconds=self.stuck_alert_seconds)
                 recent_rows = dict(
                     conn.execute(text(_RECENT_QUERY), {"window": RECENT_WINDOW_SECONDS}).all()
                 )
@@ -264,7 +270,7 @@ class RefundStateCollector(Collector):
             row = rows.get(status)
             open_.add_metric([status], row.n if row else 0)
             oldest.add_metric([status], float(row.oldest_age) if row else 0.0)
-            stuck.add_metric([status], row.stuck if row else 0)
+            stuck.add_metric([status], stuck_rows.get(status, 0))
         for status in ALL_STATUSES:
             recent.add_metric([status], recent_rows.get(status, 0))
         up.add_metric([], 1)

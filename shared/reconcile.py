@@ -7,7 +7,8 @@ One pass:
    ``processing``/``requires_action``) and moves ours on;
 3. deletes idempotency records and Stripe event ids past their retention
    (``shared.retention``);
-4. reports refunds unfinished for longer than STUCK_ALERT_SECONDS, at error level.
+4. reports stuck refunds (``shared.stuck``: no progress at Stripe for longer than
+   STUCK_ALERT_SECONDS), at error level.
 
 A Postgres advisory lock makes passes exclusive across processes and machines, and
 rows are taken with ``SKIP LOCKED``, so a pass never waits behind other work.
@@ -24,10 +25,11 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from shared import stuck
 from shared.celery_app import enqueue_refund
 from shared.config import get_settings
 from shared.db import get_engine, unit_of_work
-from shared.models import TERMINAL_STATUSES, Payment, Refund, RefundStatus
+from shared.models import Payment, Refund, RefundStatus
 from shared.rate_limit import RateLimited
 from shared.refund_updates import apply_stripe_refund
 from shared.retention import delete_expired
@@ -64,7 +66,7 @@ def reconcile_once(
     total_stuck = sum(stuck.values())
     if total_stuck:
         log.error(
-            "%d refunds unfinished for more than %ss",
+            "%d refunds unfinished, without progress at Stripe for more than %ss",
             total_stuck, int(get_settings().stuck_alert_seconds),
             extra={"stuck": stuck, "refund_ids": stuck_ids},
         )
@@ -84,28 +86,14 @@ def reconcile_once(
 
 
 def stuck_counts(session: Session) -> dict[str, int]:
-    """Unfinished refunds older than STUCK_ALERT_SECONDS, by status (for metrics)."""
-    rows = session.execute(
-        select(Refund.status, func.count())
-        .where(_stuck_condition())
-        .group_by(Refund.status)
-    ).all()
-    return {status: int(count) for status, count in rows}
+    """Stuck refunds by status (``shared.stuck``), for the alert."""
+    return stuck.stuck_counts(session, threshold_seconds=get_settings().stuck_alert_seconds)
 
 
 def stuck_refund_ids(session: Session, *, limit: int) -> list[str]:
-    return list(
-        session.scalars(
-            select(Refund.id).where(_stuck_condition()).order_by(Refund.created_at).limit(limit)
-        )
+    return stuck.stuck_refund_ids(
+        session, threshold_seconds=get_settings().stuck_alert_seconds, limit=limit
     )
-
-
-def _stuck_condition() -> Any:
-    # Age counts from creation: an attempt or a poll touches updated_at, not the
-    # customer's wait.
-    older = func.now() - timedelta(seconds=get_settings().stuck_alert_seconds)
-    return Refund.status.not_in(TERMINAL_STATUSES) & (Refund.created_at < older)
 
 
 @contextmanager
