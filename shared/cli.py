@@ -46,10 +46,35 @@ def _payments_sync(args: argparse.Namespace) -> int:
 
 
 def _reconcile(args: argparse.Namespace) -> int:
+    load_settings()
+    if args.refund_id is not None:
+        return _reconcile_refund(args.refund_id, actor=args.actor)
     from shared.reconcile import reconcile_once
 
-    load_settings()
     print(json.dumps(reconcile_once()))
+    return 0
+
+
+def _reconcile_refund(refund_id: str, *, actor: str | None) -> int:
+    """What the console's "Reconcile now" does, for one refund: it is sent to the workers
+    again (a refund held for a person is released), and the audit trail records who
+    asked."""
+    import getpass
+
+    from shared.console_queries import reconcile_now
+    from shared.db import unit_of_work
+    from shared.errors import RefundServiceError
+
+    with unit_of_work() as session:
+        try:
+            done = reconcile_now(
+                session=session, refund_id=refund_id, actor=actor or f"cli:{getpass.getuser()}"
+            )
+        except RefundServiceError as exc:
+            print(exc.message, file=sys.stderr)
+            return 1
+    print(json.dumps({"refund_id": refund_id, "status": done.status, "task": done.task,
+                      "enqueued": done.enqueued}))
     return 0
 
 
@@ -127,8 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = payments.add_parser("sync", help="Backfill payments, charges and refunds from Stripe.")
     p.set_defaults(func=_payments_sync)
 
-    p = add("reconcile", _reconcile, "Run one reconciliation pass (what beat runs on a schedule).")
-    p.add_argument("--once", action="store_true", required=True, help="run a single pass and exit")
+    p = add(
+        "reconcile",
+        _reconcile,
+        "Run one reconciliation pass (what beat runs on a schedule), or send one refund to "
+        "the workers again, as the console's 'Reconcile now' does.",
+    )
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--once", action="store_true", help="run a single pass and exit")
+    what.add_argument(
+        "--refund", dest="refund_id", metavar="ID",
+        help="retry this refund now, including one held for a person after MAX_ATTEMPTS",
+    )
+    p.add_argument(
+        "--as", dest="actor", metavar="NAME",
+        help="who asks, for the audit trail (default cli:<your user name>)",
+    )
 
     add("migrate", _migrate, "Apply database migrations (alembic upgrade head).")
     add("check-config", _check_config, "Validate the settings and exit.")

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import func, literal_column, select
 from sqlalchemy.orm import Session
 
+from shared import attention
 from shared.celery_app import (
     PROCESS_REFUND_TASK,
     RECONCILE_TASK,
@@ -88,6 +89,8 @@ class Overview:
     stuck: list[Refund]
     stuck_total: int
     stuck_alert: timedelta  # no progress for longer than this is stuck (shared.stuck)
+    needs_attention: list[Refund]  # held for a person (shared.attention), oldest mark first
+    needs_attention_total: int
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,17 @@ def overview(
     }
     stuck = [by_id[i] for i, _ in stuck_rows]
 
+    marked = Refund.needs_attention_since.is_not(None) & Refund.status.in_(OPEN_STATUSES)
+    needs_attention_total = session.scalar(select(func.count()).where(marked)) or 0
+    needs_attention = list(
+        session.scalars(
+            select(Refund)
+            .where(marked)
+            .order_by(Refund.needs_attention_since, Refund.id)
+            .limit(STUCK_LIST_LIMIT)
+        )
+    )
+
     return Overview(
         now=now,
         open_counts={str(k): v for k, v in open_counts.items()},
@@ -245,6 +259,8 @@ def overview(
         stuck=stuck,
         stuck_total=stuck_total,
         stuck_alert=stuck_alert,
+        needs_attention=needs_attention,
+        needs_attention_total=needs_attention_total,
     )
 
 
@@ -322,7 +338,9 @@ def reconcile_now(*, session: Session, refund_id: str, actor: str) -> Reconciled
 
     A ``pending`` refund is enqueued for ``refunds.process`` again: the task claims the
     row and sends it with the refund's own Stripe idempotency key after looking it up
-    at Stripe, so this never creates, enlarges or duplicates a refund. A refund Stripe
+    at Stripe, so this never creates, enlarges or duplicates a refund. A refund held for
+    a person (``shared.attention``) is released by this: its mark is cleared, so the
+    worker tries it once more (and marks it again if Stripe still refuses). A refund Stripe
     already holds (``processing``, ``requires_action``) is past what that task does; a
     reconcile pass polls Stripe for it instead. Only the audit trail is written here,
     with the status unchanged; the task is sent after the commit.
@@ -336,6 +354,8 @@ def reconcile_now(*, session: Session, refund_id: str, actor: str) -> Reconciled
         raise RefundIsTerminal(f"The refund is '{status}': there is nothing left to reconcile.")
     task = PROCESS_REFUND_TASK if status == S.PENDING else RECONCILE_TASK
     detail: dict[str, Any] = {"action": RECONCILE_ACTION, "task": task}
+    if attention.clear(session, refund_id):
+        detail["cleared"] = "needs attention"
     record_event(
         session,
         refund_id=refund_id,

@@ -226,6 +226,7 @@ class RefundStateCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         from sqlalchemy import text
 
+        from shared.attention import needs_attention_counts
         from shared.db import get_engine
         from shared.stuck import stuck_counts
 
@@ -246,6 +247,11 @@ class RefundStateCollector(Collector):
             "STUCK_ALERT_SECONDS, by status (shared/stuck.py).",
             labels=["status"],
         )
+        attention = GaugeMetricFamily(
+            "refunds_needs_attention",
+            "Open refunds held for a person: Stripe refused our credentials MAX_ATTEMPTS times; "
+            "not retried until someone asks (shared/attention.py).",
+        )
         recent = GaugeMetricFamily(
             "refunds_updated_last_24h",
             "Refunds whose status changed in the last 24 hours, by status.",
@@ -257,6 +263,7 @@ class RefundStateCollector(Collector):
                 conn.execute(text(f"SET LOCAL statement_timeout = {SCRAPE_QUERY_TIMEOUT_MS}"))
                 rows = {r.status: r for r in conn.execute(text(_STATE_QUERY))}
                 stuck_rows = stuck_counts(conn, threshold_seconds=self.stuck_alert_seconds)
+                held = sum(needs_attention_counts(conn).values())
                 recent_rows = dict(
                     conn.execute(text(_RECENT_QUERY), {"window": RECENT_WINDOW_SECONDS}).all()
                 )
@@ -273,12 +280,13 @@ class RefundStateCollector(Collector):
             stuck.add_metric([status], stuck_rows.get(status, 0))
         for status in ALL_STATUSES:
             recent.add_metric([status], recent_rows.get(status, 0))
+        attention.add_metric([], held)
         up.add_metric([], 1)
         scrape = GaugeMetricFamily(
             "refunds_db_metrics_seconds", "Time the refund gauges' queries took."
         )
         scrape.add_metric([], time.perf_counter() - start)
-        yield from (up, open_, oldest, stuck, recent, scrape)
+        yield from (up, open_, oldest, stuck, attention, recent, scrape)
 
 
 # --------------------------------------------------------------------------- exposition

@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -102,6 +103,9 @@ class Refund(Base):
     initiated_by: Mapped[str] = mapped_column(String(255), nullable=False)
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     last_error: Mapped[str | None] = mapped_column(Text)
+    # Held for a person after MAX_ATTEMPTS credential refusals (shared/attention.py).
+    needs_attention_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    needs_attention_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _now_column()
     updated_at: Mapped[datetime] = _now_column()
 
@@ -116,6 +120,11 @@ class Refund(Base):
         Index("ix_refunds_status_updated_at", "status", "updated_at"),
         Index("ix_refunds_created_at_id", "created_at", "id"),
         Index("ix_refunds_initiated_by", "initiated_by"),
+        Index(
+            "ix_refunds_needs_attention_since",
+            "needs_attention_since",
+            postgresql_where=text("needs_attention_since IS NOT NULL"),
+        ),
     )
 
 

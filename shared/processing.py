@@ -32,6 +32,7 @@ from typing import Any
 from sqlalchemy import Connection, func, select, update
 from sqlalchemy.orm import Session
 
+from shared.attention import mark_held
 from shared.celery_app import MAX_RETRY_COUNTDOWN_SECONDS
 from shared.config import get_settings
 from shared.db import get_engine
@@ -258,6 +259,7 @@ def _on_error(
     log.error("Stripe refused our credentials or idempotency key; refund held for a person",
               extra={"refund_id": claim.refund_id, "error": failure.describe()})
     _record_pending_event(session, claim, failure, "held: needs a person")
+    mark_held(session, claim.refund_id, claim.attempts, failure.describe())
     session.commit()
     return Result(Outcome.HELD, error=failure.describe())
 

@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from shared import stuck
+from shared import attention, stuck
 from shared.celery_app import enqueue_refund
 from shared.config import get_settings
 from shared.db import get_engine, unit_of_work
@@ -124,6 +124,7 @@ def _requeue_stuck_pending(enqueue: Callable[[str], bool]) -> int:
             session.scalars(
                 select(Refund.id)
                 .where(Refund.status == RefundStatus.PENDING, Refund.updated_at < older)
+                .where(attention.left_to_the_workers())  # held for a person: not retried
                 .order_by(Refund.updated_at)
                 .limit(BATCH_SIZE)
                 .with_for_update(skip_locked=True)
