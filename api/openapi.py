@@ -69,8 +69,11 @@ def _auth_errors(scope: str) -> dict[str, Any]:
         "403": _error(f"The token lacks the `{scope}` scope. `error`: `forbidden`."),
         "500": _ref("responses", "InternalError"),
         "503": _error(
-            "The database or the token keys (JWKS) cannot be reached right now; nothing was "
-            "recorded, retry later. `error`: `unavailable`."
+            "`error`: `unavailable`: the database or the token keys (JWKS) cannot be reached "
+            "right now; nothing was recorded, retry later. `error`: `outcome_unknown`: the "
+            "database connection broke during the commit, so the request may or may not have "
+            "been recorded: retry with the same Idempotency-Key, or look the refund up before "
+            "retrying without one."
         ),
     }
 

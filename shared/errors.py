@@ -41,3 +41,10 @@ class AmountExceedsRefundable(RefundServiceError):
 
 class IdempotencyKeyReused(RefundServiceError):
     code = "idempotency_key_reused"
+
+
+class OutcomeUnknown(RefundServiceError):
+    """The connection broke while COMMIT was on its way: the change may or may not have
+    been recorded (SPEC 3.4). Never to be reported as "nothing was recorded"."""
+
+    code = "outcome_unknown"
