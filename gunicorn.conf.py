@@ -13,6 +13,7 @@ explicitly. This file does what a flag cannot:
 """
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -95,7 +96,32 @@ def write_json_error(sock, status_int, reason, mesg):
 util.write_error = write_json_error
 
 
+class ListeningAddress(logging.Filter):
+    """Puts the bound addresses back into gunicorn's "Listening at:" line.
+
+    With ``reuse_port`` each worker binds its own socket and the arbiter holds none, so
+    gunicorn's line names no address; operators and scripts read the port from it."""
+
+    def __init__(self, bind: list[str]) -> None:
+        super().__init__()
+        self.addresses = ",".join(
+            address if address.startswith(("unix:", "fd://")) else f"http://{address}"
+            for address in bind
+        )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (
+            isinstance(record.msg, str)
+            and record.msg.startswith("Listening at:")
+            and record.args
+            and not record.args[0]
+        ):
+            record.args = (self.addresses, *record.args[1:])
+        return True
+
+
 def on_starting(server):
+    logging.getLogger("gunicorn.error").addFilter(ListeningAddress(server.cfg.bind))
     # Values left by a previous run would be added to this one's.
     path = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     path.mkdir(parents=True, exist_ok=True)

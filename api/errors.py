@@ -72,6 +72,22 @@ def register_error_handlers(app: Flask) -> None:
     def _api_error(exc: ApiError) -> Response:
         return error_response(exc.status, exc.code, exc.message, exc.headers)
 
+    @app.errorhandler(domain.OutcomeUnknown)
+    def _outcome_unknown(exc: domain.OutcomeUnknown) -> Response:
+        # SPEC 3.4: the transaction may have committed. Saying "nothing was recorded"
+        # would have a caller without an Idempotency-Key create a second refund.
+        log.error("commit outcome unknown", exc_info=exc.__cause__,
+                  extra={"request_id": g.get("request_id")})
+        return error_response(
+            503,
+            "outcome_unknown",
+            "The database connection broke while this request was being committed, so it "
+            "may or may not have been recorded. Retry with the same Idempotency-Key: it "
+            "answers with the refund if it was recorded and creates it once if not. Without "
+            "a key, look the refund up first (GET /v1/admin/refunds?charge_id=...).",
+            {"Retry-After": "2"},
+        )
+
     @app.errorhandler(domain.RefundServiceError)
     def _domain_error(exc: domain.RefundServiceError) -> Response:
         return error_response(DOMAIN_STATUS.get(type(exc), 422), exc.code, exc.message)
@@ -89,8 +105,9 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(OperationalError)
     def _database_unavailable(exc: OperationalError) -> Response:
-        # The database is down or a lock wait timed out: nothing was committed, and the
-        # same request (with the same Idempotency-Key) can safely be sent again.
+        # A statement failed before COMMIT (the database is down, a lock wait timed
+        # out): nothing was committed, and the same request can safely be sent again.
+        # A failure of the COMMIT itself is OutcomeUnknown (shared.db), answered above.
         log.exception("database unavailable", extra={"request_id": g.get("request_id")})
         return error_response(
             503,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 
-from flask import Blueprint, Response, g, request
+from flask import Blueprint, Response, g, jsonify, request
 
 from shared import logging as service_logging
 from shared import metrics
@@ -27,7 +27,14 @@ QUIET_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
 
 @bp.get("/metrics")
 def scrape() -> Response:
-    body = metrics.exposition(stuck_alert_seconds=get_settings().stuck_alert_seconds)
+    settings = get_settings()
+    # Checked before anything is read: an unauthenticated scrape costs no query.
+    if not metrics.scrape_allowed(request.headers.get("Authorization"), settings.metrics_token):
+        response = jsonify(metrics.METRICS_UNAUTHORIZED)
+        response.status_code = 401
+        response.headers["WWW-Authenticate"] = 'Bearer realm="metrics"'
+        return response
+    body = metrics.exposition(stuck_alert_seconds=settings.stuck_alert_seconds)
     return Response(body, mimetype=None, content_type=metrics.CONTENT_TYPE)
 
 

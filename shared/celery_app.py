@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 import redis
 from celery import Celery
 from kombu import Exchange, Queue, serialization
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from shared import metrics
 from shared.config import get_settings
@@ -159,18 +161,36 @@ def _enqueue(task: str, queue: str, object_id: str, **log_fields: str) -> bool:
     return True
 
 
+#: Bounds of one enqueue on Redis, pinned rather than left to redis-py's defaults (which
+#: have been "no timeout" and, lately, three retries with backoff): the API enqueues
+#: after its commit, inside the request, and a broker that accepts connections but never
+#: answers must not hold the answer: at most (retries + 1) x a timeout, 2 s here.
+ENQUEUE_SOCKET_TIMEOUT_SECONDS = 1.0
+ENQUEUE_CONNECT_TIMEOUT_SECONDS = 1.0
+ENQUEUE_RETRIES = 1
+
+
 @functools.cache
 def _redis_list_client() -> redis.Redis | None:
     """A client for the broker when it is Redis with kombu's plain key layout, else None.
 
     redis-py clients are thread-safe and reconnect after a fork or a lost connection
-    (retrying the command), so one per process serves every thread."""
+    (retrying the command once; a repeated LPUSH is only a second delivery, which the
+    task ignores), so one per process serves every thread."""
     app = get_celery()
     options = app.conf.broker_transport_options or {}
     url = app.conf.broker_url
     if urlsplit(url).scheme not in ("redis", "rediss") or options.get("global_keyprefix"):
         return None
-    return redis.Redis.from_url(url)
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=ENQUEUE_SOCKET_TIMEOUT_SECONDS,
+        socket_connect_timeout=ENQUEUE_CONNECT_TIMEOUT_SECONDS,
+        retry=Retry(NoBackoff(), ENQUEUE_RETRIES),
+        # No health-check PING before a command: on a silent broker it waits out the
+        # socket timeout and retries on its own, doubling the bound above.
+        health_check_interval=0,
+    )
 
 
 def _push_to_redis_list(client: redis.Redis, queue: str, message: Any) -> None:

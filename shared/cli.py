@@ -46,10 +46,35 @@ def _payments_sync(args: argparse.Namespace) -> int:
 
 
 def _reconcile(args: argparse.Namespace) -> int:
+    load_settings()
+    if args.refund_id is not None:
+        return _reconcile_refund(args.refund_id, actor=args.actor)
     from shared.reconcile import reconcile_once
 
-    load_settings()
     print(json.dumps(reconcile_once()))
+    return 0
+
+
+def _reconcile_refund(refund_id: str, *, actor: str | None) -> int:
+    """What the console's "Reconcile now" does, for one refund: it is sent to the workers
+    again (a refund held for a person is released), and the audit trail records who
+    asked."""
+    import getpass
+
+    from shared.console_queries import reconcile_now
+    from shared.db import unit_of_work
+    from shared.errors import RefundServiceError
+
+    with unit_of_work() as session:
+        try:
+            done = reconcile_now(
+                session=session, refund_id=refund_id, actor=actor or f"cli:{getpass.getuser()}"
+            )
+        except RefundServiceError as exc:
+            print(exc.message, file=sys.stderr)
+            return 1
+    print(json.dumps({"refund_id": refund_id, "status": done.status, "task": done.task,
+                      "enqueued": done.enqueued}))
     return 0
 
 
@@ -65,8 +90,11 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    from shared.production import verdict
+
+    # load_settings exits non-zero with the problems on one line, production's included.
     settings = load_settings()
-    print(f"configuration ok (database {settings.sqlalchemy_url.rsplit('@', 1)[-1]})")
+    print(f"{verdict(settings)} (database {settings.sqlalchemy_url.rsplit('@', 1)[-1]})")
     return 0
 
 
@@ -94,7 +122,7 @@ def _worker_health(args: argparse.Namespace) -> int:
 def _flower(args: argparse.Namespace) -> int:
     from worker.flower import main as flower_main
 
-    return flower_main()
+    return flower_main(args.passthrough)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,8 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = payments.add_parser("sync", help="Backfill payments, charges and refunds from Stripe.")
     p.set_defaults(func=_payments_sync)
 
-    p = add("reconcile", _reconcile, "Run one reconciliation pass (what beat runs on a schedule).")
-    p.add_argument("--once", action="store_true", required=True, help="run a single pass and exit")
+    p = add(
+        "reconcile",
+        _reconcile,
+        "Run one reconciliation pass (what beat runs on a schedule), or send one refund to "
+        "the workers again, as the console's 'Reconcile now' does.",
+    )
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--once", action="store_true", help="run a single pass and exit")
+    what.add_argument(
+        "--refund", dest="refund_id", metavar="ID",
+        help="retry this refund now, including one held for a person after MAX_ATTEMPTS",
+    )
+    p.add_argument(
+        "--as", dest="actor", metavar="NAME",
+        help="who asks, for the audit trail (default cli:<your user name>)",
+    )
 
     add("migrate", _migrate, "Apply database migrations (alembic upgrade head).")
     add("check-config", _check_config, "Validate the settings and exit.")
@@ -135,7 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node", help="ping only this worker, e.g. worker@host")
     p.add_argument("--this-host", action="store_true", help="only workers named ...@<hostname>")
 
-    add("flower", _flower, "Run Flower; needs FLOWER_BASIC_AUTH; other FLOWER_* variables apply.")
+    p = add(
+        "flower",
+        _flower,
+        "Run Flower; needs FLOWER_BASIC_AUTH. Flower's own options (--port, --address, "
+        "--url_prefix...) and FLOWER_* variables apply, as with `celery flower`.",
+    )
+    p.set_defaults(passes_options_through=True)
 
     p = add(
         "stripe-emulator", _stripe_emulator, "Run the Stripe emulator for development and tests."
@@ -148,7 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Options this parser does not know go to the program a subcommand wraps (Flower's
+    # own), and are an error anywhere else.
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "passes_options_through", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.passthrough = rest
     return int(args.func(args))
 
 

@@ -9,16 +9,47 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Mapping
+from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_JWT_SECRET = "dev-only-insecure-jwt-secret-change-me"  # noqa: S105 - the documented local default
 DEV_CONSOLE_SECRET = "dev-only-insecure-console-secret-change-me"  # noqa: S105 - local default
+DEV_WEBHOOK_SECRET = "whsec_local"  # noqa: S105 - the emulator's and make run's default
+
+
+#: URL schemes each URL setting accepts (kombu's transports for the broker).
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+BROKER_SCHEMES = (*REDIS_SCHEMES, "sentinel", "amqp", "amqps", "pyamqp")
+HTTP_SCHEMES = ("http", "https")
+#: Optional settings where an empty value (``FOO=`` in an .env or compose file) means unset.
+EMPTY_MEANS_UNSET = (
+    "celery_broker_url", "stripe_api_base", "jwt_jwks_url", "jwt_audience", "jwt_issuer",
+    "metrics_token", "flower_url", "approval_threshold_cents", "approval_thresholds",
+)
+
+
+def _url_problem(value: str, schemes: tuple[str, ...]) -> str | None:
+    parts = urlsplit(value)
+    if parts.scheme not in schemes or not (parts.netloc or parts.path.strip("/")):
+        *others, last = (f"{scheme}://" for scheme in schemes)
+        return f"must be a URL starting with {', '.join(others)} or {last}"
+    if parts.scheme in HTTP_SCHEMES and not parts.hostname:
+        return "must be an http:// or https:// URL with a host"
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        return "has a port that is not a number"
+    return None
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    # "production" turns on the checks of shared/production.py (so does a live Stripe key).
+    app_env: Literal["development", "test", "staging", "production"] = "development"
 
     database_url: str = "postgresql+psycopg://postgres@localhost:5432/refunds"
     redis_url: str = "redis://localhost:6379/0"
@@ -26,7 +57,7 @@ class Settings(BaseSettings):
 
     stripe_api_key: str = "sk_test_local"
     stripe_api_base: str | None = None
-    stripe_webhook_secret: str = "whsec_local"  # noqa: S105 - the documented local default
+    stripe_webhook_secret: str = DEV_WEBHOOK_SECRET
     stripe_max_rps: float = Field(default=25.0, gt=0)
     stripe_timeout_seconds: float = Field(default=10.0, gt=0)
 
@@ -40,6 +71,10 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: float = Field(default=60.0, gt=0)
     stuck_after_seconds: float = Field(default=300.0, gt=0)
     stuck_alert_seconds: float = Field(default=3600.0, gt=0)
+    # Retention (SPEC 7), applied by beat: idempotency keys are honoured for 24 h, so
+    # their records may not go sooner; Stripe redelivers an event for 3 days at most.
+    idempotency_retention_seconds: float = Field(default=24 * 3600.0, ge=24 * 3600.0)
+    stripe_event_retention_seconds: float = Field(default=30 * 24 * 3600.0, ge=3 * 24 * 3600.0)
 
     # Worker retries of transient Stripe errors (SPEC 6): countdown base * 2**n with jitter,
     # capped by celery_app.MAX_RETRY_COUNTDOWN_SECONDS; after max_attempts the reconciler owns it.
@@ -55,6 +90,10 @@ class Settings(BaseSettings):
     # How long a claim keeps other workers off a refund: longer than any one attempt
     # (a lookup, a wait for the rate limiter and a create, each bounded) can last.
     claim_lease_seconds: float = Field(default=90.0, gt=0)
+
+    # /metrics (web and worker) answers only "Authorization: Bearer <token>" when set;
+    # required in production (shared/production.py).
+    metrics_token: str | None = None
 
     port: int = Field(default=8000, ge=1, le=65535)
     max_request_bytes: int = Field(default=64 * 1024, gt=0)
@@ -81,11 +120,6 @@ class Settings(BaseSettings):
     approval_expires_seconds: float = Field(default=72 * 3600.0, gt=0)
     refunds_approve_scope: str = "refunds:approve"
 
-    @field_validator("approval_threshold_cents", "approval_thresholds", mode="before")
-    @classmethod
-    def _blank_is_unset(cls, value: object) -> object:
-        return None if isinstance(value, str) and not value.strip() else value
-
     @field_validator("approval_thresholds")
     @classmethod
     def _thresholds_parse(cls, value: str | None) -> str | None:
@@ -93,17 +127,43 @@ class Settings(BaseSettings):
             _parse_thresholds(value)  # refuse a malformed list at start, not on a refund
         return value
 
-    @field_validator("refunds_approve_scope")
-    @classmethod
-    def _one_scope(cls, value: str) -> str:
-        if not value or value.split() != [value]:
-            raise ValueError("must be one scope name, without spaces")
-        return value
-
     def approval_threshold(self, currency: str) -> int | None:
         """The amount at or above which a refund in ``currency`` needs approval; None: never."""
         per_currency = _parse_thresholds(self.approval_thresholds or "")
         return per_currency.get(currency.lower(), self.approval_threshold_cents)
+
+    @field_validator(*EMPTY_MEANS_UNSET, mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("app_env", mode="before")
+    @classmethod
+    def _lower_app_env(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        return _checked_url(value, REDIS_SCHEMES)
+
+    @field_validator("celery_broker_url")
+    @classmethod
+    def _broker_url(cls, value: str | None) -> str | None:
+        return None if value is None else _checked_url(value, BROKER_SCHEMES)
+
+    @field_validator("stripe_api_base", "jwt_jwks_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        return None if value is None else _checked_url(value, HTTP_SCHEMES)
+
+    @field_validator("refunds_write_scope", "refunds_read_scope", "refunds_approve_scope")
+    @classmethod
+    def _scope(cls, value: str) -> str:
+        # A token's scopes are one space-separated claim: a scope is one non-empty word.
+        if not value or value.split() != [value]:
+            raise ValueError("must be one scope name, not empty and without spaces")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -164,12 +224,23 @@ def _parse_thresholds(value: str) -> Mapping[str, int]:
             raise ValueError(f"{currency} is given twice")
         thresholds[currency] = int(amount)
     return thresholds
+def _checked_url(value: str, schemes: tuple[str, ...]) -> str:
+    problem = _url_problem(value, schemes)
+    if problem:
+        raise ValueError(problem)
+    return value
 
 
 def load_settings() -> Settings:
-    """Build settings, or exit with one clear line naming the bad setting."""
+    """Build settings, or exit with one clear line naming the bad setting.
+
+    In production (``shared.production``) settings that are valid but unsafe there, such
+    as a public development secret, stop the process the same way, all named on the line.
+    """
+    from shared.production import production_problems
+
     try:
-        return Settings()
+        settings = Settings()
     except ValidationError as exc:
         err = exc.errors()[0]
         message = err["msg"].removeprefix("Value error, ")
@@ -178,6 +249,13 @@ def load_settings() -> Settings:
         sys.exit(
             f"configuration error: {name}: {message}" if name else f"configuration error: {message}"
         )
+    problems = production_problems(settings)
+    if problems:
+        sys.exit(
+            f"configuration error: {'; '.join(problems)} "
+            "(production: APP_ENV=production or a live Stripe key)"
+        )
+    return settings
 
 
 @functools.cache

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, literal_column, or_, select
+from sqlalchemy import func, literal_column, select
 from sqlalchemy.orm import Session
 
+from shared import attention
 from shared.celery_app import (
     PROCESS_REFUND_TASK,
     RECONCILE_TASK,
@@ -33,13 +34,12 @@ from shared.models import (
     RefundStatus,
 )
 from shared.refunds import could_be_refund_id, page_of_refunds
+from shared.stuck import is_stuck, last_progress_at, refund_last_progress_at, stuck_condition
 from shared.transitions import record_event
 
 S = RefundStatus
 OPEN_STATUSES = (S.PENDING, S.PROCESSING, S.REQUIRES_ACTION)
 ALL_STATUSES = tuple(RefundStatus)
-#: Refunds a Stripe call may still be running for; past the alert threshold they are stuck.
-AWAITING_STRIPE = (S.PROCESSING, S.REQUIRES_ACTION)
 
 CHART_MINUTES = 60
 FINISHED_WINDOW = timedelta(hours=24)
@@ -88,8 +88,9 @@ class Overview:
     stripe_errors: StripeErrors
     stuck: list[Refund]
     stuck_total: int
-    stuck_after: timedelta
-    stuck_alert: timedelta
+    stuck_alert: timedelta  # no progress for longer than this is stuck (shared.stuck)
+    needs_attention: list[Refund]  # held for a person (shared.attention), oldest mark first
+    needs_attention_total: int
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ class RefundDetail:
     refund: Refund
     events: list[RefundEvent]
     payment: PaymentSummary
+    last_progress_at: datetime  # its last status change (shared.stuck)
     stuck: bool
 
 
@@ -144,30 +146,10 @@ def _open_refunds() -> Any:
     )
 
 
-def _stuck(open_rows: Any, now: datetime, *, stuck_after: timedelta, stuck_alert: timedelta) -> Any:
-    # Age counts from creation, as the reconciler's alert does: its polls and re-enqueues
-    # touch updated_at, the customer's wait goes on.
-    return or_(
-        and_(open_rows.c.status == S.PENDING, open_rows.c.created_at < now - stuck_after),
-        and_(open_rows.c.status.in_(AWAITING_STRIPE), open_rows.c.created_at < now - stuck_alert),
-    )
-
-
-def is_stuck(
-    refund: Refund, now: datetime, *, stuck_after: timedelta, stuck_alert: timedelta
-) -> bool:
-    if refund.status == S.PENDING:
-        return refund.created_at < now - stuck_after
-    if refund.status in AWAITING_STRIPE:
-        return refund.created_at < now - stuck_alert
-    return False
-
-
 def overview(
-    *, session: Session, stuck_after_seconds: float, stuck_alert_seconds: float
+    *, session: Session, stuck_alert_seconds: float
 ) -> Overview:
     now = db_now(session)
-    stuck_after = timedelta(seconds=stuck_after_seconds)
     stuck_alert = timedelta(seconds=stuck_alert_seconds)
     chart_start = now.replace(second=0, microsecond=0) - timedelta(minutes=CHART_MINUTES - 1)
 
@@ -235,10 +217,16 @@ def overview(
     ).one()
 
     open_rows = _open_refunds()
+    progress = last_progress_at(open_rows.c.id, open_rows.c.status, open_rows.c.created_at)
     stuck_rows = session.execute(
         select(open_rows.c.id, func.count().over())
-        .where(_stuck(open_rows, now, stuck_after=stuck_after, stuck_alert=stuck_alert))
-        .order_by(open_rows.c.created_at, open_rows.c.id)
+        .where(
+            stuck_condition(
+                threshold_seconds=stuck_alert_seconds, now=now, refund_id=open_rows.c.id,
+                status=open_rows.c.status, created_at=open_rows.c.created_at,
+            )
+        )
+        .order_by(progress, open_rows.c.id)
         .limit(STUCK_LIST_LIMIT)
     ).all()
     stuck_total = stuck_rows[0][1] if stuck_rows else 0
@@ -247,6 +235,17 @@ def overview(
         for r in session.scalars(select(Refund).where(Refund.id.in_([i for i, _ in stuck_rows])))
     }
     stuck = [by_id[i] for i, _ in stuck_rows]
+
+    marked = Refund.needs_attention_since.is_not(None) & Refund.status.in_(OPEN_STATUSES)
+    needs_attention_total = session.scalar(select(func.count()).where(marked)) or 0
+    needs_attention = list(
+        session.scalars(
+            select(Refund)
+            .where(marked)
+            .order_by(Refund.needs_attention_since, Refund.id)
+            .limit(STUCK_LIST_LIMIT)
+        )
+    )
 
     return Overview(
         now=now,
@@ -259,8 +258,9 @@ def overview(
         ),
         stuck=stuck,
         stuck_total=stuck_total,
-        stuck_after=stuck_after,
         stuck_alert=stuck_alert,
+        needs_attention=needs_attention,
+        needs_attention_total=needs_attention_total,
     )
 
 
@@ -283,7 +283,7 @@ def list_refunds(
 
 
 def refund_detail(
-    *, session: Session, refund_id: str, stuck_after_seconds: float, stuck_alert_seconds: float
+    *, session: Session, refund_id: str, stuck_alert_seconds: float
 ) -> RefundDetail:
     refund = session.get(Refund, refund_id) if could_be_refund_id(refund_id) else None
     if refund is None:
@@ -296,6 +296,7 @@ def refund_detail(
             .order_by(RefundEvent.created_at, RefundEvent.id)
         )
     )
+    last_progress = refund_last_progress_at(session, refund_id) or refund.created_at
     payment = session.get(Payment, refund.payment_id)
     assert payment is not None  # a foreign key guarantees it
     charge = session.get(Charge, refund.charge_id) if refund.charge_id is not None else None
@@ -318,11 +319,9 @@ def refund_detail(
             held=int(held),
             refunded=int(refunded),
         ),
+        last_progress_at=last_progress,
         stuck=is_stuck(
-            refund,
-            now,
-            stuck_after=timedelta(seconds=stuck_after_seconds),
-            stuck_alert=timedelta(seconds=stuck_alert_seconds),
+            refund.status, last_progress, now, threshold_seconds=stuck_alert_seconds
         ),
     )
 
@@ -339,7 +338,9 @@ def reconcile_now(*, session: Session, refund_id: str, actor: str) -> Reconciled
 
     A ``pending`` refund is enqueued for ``refunds.process`` again: the task claims the
     row and sends it with the refund's own Stripe idempotency key after looking it up
-    at Stripe, so this never creates, enlarges or duplicates a refund. A refund Stripe
+    at Stripe, so this never creates, enlarges or duplicates a refund. A refund held for
+    a person (``shared.attention``) is released by this: its mark is cleared, so the
+    worker tries it once more (and marks it again if Stripe still refuses). A refund Stripe
     already holds (``processing``, ``requires_action``) is past what that task does; a
     reconcile pass polls Stripe for it instead. Only the audit trail is written here,
     with the status unchanged; the task is sent after the commit.
@@ -352,13 +353,16 @@ def reconcile_now(*, session: Session, refund_id: str, actor: str) -> Reconciled
     if status in TERMINAL_STATUSES:
         raise RefundIsTerminal(f"The refund is '{status}': there is nothing left to reconcile.")
     task = PROCESS_REFUND_TASK if status == S.PENDING else RECONCILE_TASK
+    detail: dict[str, Any] = {"action": RECONCILE_ACTION, "task": task}
+    if attention.clear(session, refund_id):
+        detail["cleared"] = "needs attention"
     record_event(
         session,
         refund_id=refund_id,
         from_status=status,
         to_status=status,
         actor=actor,
-        detail={"action": RECONCILE_ACTION, "task": task},
+        detail=detail,
     )
     session.commit()
     enqueued = enqueue_refund(refund_id) if task == PROCESS_REFUND_TASK else enqueue_reconcile()

@@ -11,9 +11,17 @@ import psycopg
 from psycopg.rows import namedtuple_row
 from psycopg_pool import ConnectionPool
 from sqlalchemy import Engine, create_engine
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.config import get_settings
+from shared.errors import OutcomeUnknown
+
+#: SQLSTATE classes Postgres answers COMMIT with when it rolled the transaction back for
+#: certain (integrity violation of a deferred constraint, serialization failure,
+#: deadlock): nothing was recorded. Any other failure of a COMMIT, a broken connection
+#: above all, leaves the outcome unknown.
+DEFINITE_ROLLBACK_CLASSES = ("23", "40")
 
 
 @functools.cache
@@ -58,16 +66,34 @@ def get_pool() -> ConnectionPool[psycopg.Connection[Any]]:
     )
     pool.open(wait=False)
     return pool
+class UnitOfWorkSession(Session):
+    """A session whose ``commit`` says when its outcome is unknown."""
+
+    def commit(self) -> None:
+        try:
+            super().commit()
+        except (OperationalError, InterfaceError) as exc:
+            sqlstate = getattr(exc.orig, "sqlstate", None) or ""
+            if sqlstate[:2] in DEFINITE_ROLLBACK_CLASSES:
+                raise
+            raise OutcomeUnknown(
+                "The database connection broke while the change was being committed: "
+                "it may or may not have been recorded."
+            ) from exc
 
 
 @functools.cache
-def _session_factory() -> sessionmaker[Session]:
-    return sessionmaker(bind=get_engine(), expire_on_commit=False)
+def _session_factory() -> sessionmaker[UnitOfWorkSession]:
+    return sessionmaker(bind=get_engine(), class_=UnitOfWorkSession, expire_on_commit=False)
 
 
 @contextmanager
 def unit_of_work() -> Iterator[Session]:
-    """A session whose transaction is rolled back unless the block calls ``commit()``."""
+    """A session whose transaction is rolled back unless the block calls ``commit()``.
+
+    A ``commit()`` that fails in a way that leaves its outcome unknown (the connection
+    broke during COMMIT) raises ``shared.errors.OutcomeUnknown``; an error raised before
+    it (``OperationalError`` from a statement) means nothing was recorded."""
     session = _session_factory()()
     try:
         yield session

@@ -53,3 +53,10 @@ class NotAwaitingApproval(RefundServiceError):
 
 class CannotCancel(RefundServiceError):
     code = "cannot_cancel"
+
+
+class OutcomeUnknown(RefundServiceError):
+    """The connection broke while COMMIT was on its way: the change may or may not have
+    been recorded (SPEC 3.4). Never to be reported as "nothing was recorded"."""
+
+    code = "outcome_unknown"

@@ -31,7 +31,9 @@ task_id_var: ContextVar[str | None] = ContextVar("task_id", default=None)
 _CONTEXT = {"request_id": request_id_var, "refund_id": refund_id_var, "task_id": task_id_var}
 
 #: Environment variables whose values are secrets; their literal values are redacted too.
-SECRET_ENV_VARS = ("JWT_SECRET", "STRIPE_API_KEY", "STRIPE_WEBHOOK_SECRET", "CONSOLE_SECRET_KEY")
+SECRET_ENV_VARS = (
+    "JWT_SECRET", "STRIPE_API_KEY", "STRIPE_WEBHOOK_SECRET", "CONSOLE_SECRET_KEY", "METRICS_TOKEN",
+)
 MIN_LITERAL_SECRET = 8
 REDACTED = "[REDACTED]"
 

@@ -6,8 +6,9 @@ Where the numbers come from:
   ``worker/observability.py`` (task return values are read there, see below).
 - Stripe call latency: ``stripe_gateway.StripeHttpClient``, the HTTP client of the one
   Stripe adapter, times every request.
-- Refunds by status, the age of the oldest non-terminal refund and the stuck count:
-  ``RefundStateCollector`` queries Postgres at scrape time (indexed, 2 s cap).
+- Refunds by status, the age of the oldest non-terminal refund and the stuck count
+  (``shared.stuck``): ``RefundStateCollector`` queries Postgres at scrape time
+  (indexed, 2 s cap).
 
 Processes: gunicorn runs several worker processes, so the web uses prometheus_client's
 multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, set up by ``gunicorn.conf.py``) and
@@ -17,9 +18,12 @@ its own registry on ``WORKER_METRICS_PORT`` (``start_worker_metrics_server``).
 
 from __future__ import annotations
 
+import hmac
+import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -30,9 +34,14 @@ from prometheus_client import (
     Counter,
     Histogram,
     generate_latest,
-    start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import (
+    ThreadingWSGIServer,
+    _SilentHandler,
+    make_server,
+    make_wsgi_app,
+)
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -121,9 +130,17 @@ def observe_refund_outcome(outcome: str) -> None:
     REFUND_OUTCOMES.labels(outcome).inc()
 
 
+#: Numbers in a reconcile pass's summary that are levels, not things the pass did: the
+#: gauges read them from Postgres; adding them to a counter every pass would count each
+#: stuck refund again every minute.
+RECONCILE_LEVELS = frozenset({"stuck"})
+
+
 def observe_reconcile(counts: dict[str, Any]) -> None:
     """Add a reconcile pass's counts, e.g. ``{"reenqueued": 2, "polled": 5}``."""
     for action, value in counts.items():
+        if action in RECONCILE_LEVELS:
+            continue
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             RECONCILE_ACTIONS.labels(action).inc(value)
 
@@ -146,8 +163,7 @@ def observe_stripe_call(*, method: str, endpoint: str, status: int | str, second
 _STATE_QUERY = """
 SELECT status,
        count(*) AS n,
-       coalesce(extract(epoch FROM now() - min(created_at)), 0) AS oldest_age,
-       count(*) FILTER (WHERE updated_at < now() - make_interval(secs => :stuck_after)) AS stuck
+       coalesce(extract(epoch FROM now() - min(created_at)), 0) AS oldest_age
 FROM refunds
 WHERE status IN ('pending', 'processing', 'requires_action')
 GROUP BY status
@@ -173,7 +189,9 @@ class RefundStateCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         from sqlalchemy import text
 
+        from shared.attention import needs_attention_counts
         from shared.db import get_engine
+        from shared.stuck import stuck_counts
 
         up = GaugeMetricFamily(
             "refunds_db_metrics_up", "1 if the refund gauges below could be read from Postgres."
@@ -188,8 +206,14 @@ class RefundStateCollector(Collector):
         )
         stuck = GaugeMetricFamily(
             "refunds_stuck",
-            "Non-terminal refunds not updated for STUCK_ALERT_SECONDS, by status.",
+            "Open refunds without progress at Stripe (no status change) for longer than "
+            "STUCK_ALERT_SECONDS, by status (shared/stuck.py).",
             labels=["status"],
+        )
+        attention = GaugeMetricFamily(
+            "refunds_needs_attention",
+            "Open refunds held for a person: Stripe refused our credentials MAX_ATTEMPTS times; "
+            "not retried until someone asks (shared/attention.py).",
         )
         recent = GaugeMetricFamily(
             "refunds_updated_last_24h",
@@ -200,12 +224,9 @@ class RefundStateCollector(Collector):
         try:
             with get_engine().connect() as conn:
                 conn.execute(text(f"SET LOCAL statement_timeout = {SCRAPE_QUERY_TIMEOUT_MS}"))
-                rows = {
-                    r.status: r
-                    for r in conn.execute(
-                        text(_STATE_QUERY), {"stuck_after": self.stuck_alert_seconds}
-                    )
-                }
+                rows = {r.status: r for r in conn.execute(text(_STATE_QUERY))}
+                stuck_rows = stuck_counts(conn, threshold_seconds=self.stuck_alert_seconds)
+                held = sum(needs_attention_counts(conn).values())
                 recent_rows = dict(
                     conn.execute(text(_RECENT_QUERY), {"window": RECENT_WINDOW_SECONDS}).all()
                 )
@@ -219,15 +240,16 @@ class RefundStateCollector(Collector):
             row = rows.get(status)
             open_.add_metric([status], row.n if row else 0)
             oldest.add_metric([status], float(row.oldest_age) if row else 0.0)
-            stuck.add_metric([status], row.stuck if row else 0)
+            stuck.add_metric([status], stuck_rows.get(status, 0))
         for status in ALL_STATUSES:
             recent.add_metric([status], recent_rows.get(status, 0))
+        attention.add_metric([], held)
         up.add_metric([], 1)
         scrape = GaugeMetricFamily(
             "refunds_db_metrics_seconds", "Time the refund gauges' queries took."
         )
         scrape.add_metric([], time.perf_counter() - start)
-        yield from (up, open_, oldest, stuck, recent, scrape)
+        yield from (up, open_, oldest, stuck, attention, recent, scrape)
 
 
 # --------------------------------------------------------------------------- exposition
@@ -259,13 +281,53 @@ def exposition(*, stuck_alert_seconds: float, include_db: bool = True) -> bytes:
     return out
 
 
-def start_worker_metrics_server(port: int, addr: str = "0.0.0.0") -> bool:  # noqa: S104 - internal network
-    """Serve this process's metrics on ``addr:port``; a port in use is logged, not fatal:
-    refunds keep flowing without metrics."""
+METRICS_UNAUTHORIZED = {
+    "error": "unauthorized",
+    "message": "Send the metrics token: Authorization: Bearer <METRICS_TOKEN>.",
+}
+
+
+def scrape_allowed(authorization: str | None, token: str | None) -> bool:
+    """Whether a scrape with this ``Authorization`` header may read the metrics: always
+    when no METRICS_TOKEN is set, else only with ``Bearer <token>`` (compared in constant
+    time)."""
+    if not token:
+        return True
+    scheme, _, given = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    )
+
+
+def _token_guard(app: Any, token: str | None) -> Any:
+    """The WSGI app behind the METRICS_TOKEN check, answering 401 JSON like the web's."""
+
+    def guarded(environ: dict[str, Any], start_response: Any) -> Any:
+        if scrape_allowed(environ.get("HTTP_AUTHORIZATION"), token):
+            return app(environ, start_response)
+        body = json.dumps(METRICS_UNAUTHORIZED).encode()
+        start_response(
+            "401 Unauthorized",
+            [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+             ("WWW-Authenticate", 'Bearer realm="metrics"')],
+        )
+        return [body]
+
+    return guarded
+
+
+def start_worker_metrics_server(
+    port: int, addr: str = "0.0.0.0", *, token: str | None = None  # noqa: S104 - internal network
+) -> bool:
+    """Serve this process's metrics on ``addr:port``, behind ``token`` when one is set
+    (the same METRICS_TOKEN as the web's, so one Prometheus credential scrapes both).
+    A port in use is logged, not fatal: refunds keep flowing without metrics."""
     if port == 0:
         return False
     try:
-        start_http_server(port, addr=addr, registry=process_registry())
+        app = _token_guard(make_wsgi_app(process_registry()), token)
+        httpd = make_server(addr, port, app, ThreadingWSGIServer, handler_class=_SilentHandler)
+        threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
     except OSError as exc:
         log.error(
             "worker metrics not served: port %s unavailable (%s); set WORKER_METRICS_PORT",

@@ -116,6 +116,9 @@ class Refund(Base):
     #: While in the future, one worker holds the refund's send (SPEC 6); set by the claim,
     #: cleared when Stripe's answer is recorded, simply left to lapse if the worker dies.
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Held for a person after MAX_ATTEMPTS credential refusals (shared/attention.py).
+    needs_attention_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    needs_attention_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _now_column()
     updated_at: Mapped[datetime] = _now_column()
     # Four eyes (SPEC 12): the threshold in force when a refund was held for approval
@@ -142,6 +145,11 @@ class Refund(Base):
         Index("ix_refunds_status_updated_at", "status", "updated_at"),
         Index("ix_refunds_created_at_id", "created_at", "id"),
         Index("ix_refunds_initiated_by", "initiated_by"),
+        Index(
+            "ix_refunds_needs_attention_since",
+            "needs_attention_since",
+            postgresql_where=text("needs_attention_since IS NOT NULL"),
+        ),
     )
 
 
@@ -169,6 +177,9 @@ class IdempotencyRecord(Base):
     response_body: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     created_at: Mapped[datetime] = _now_column()
 
+    # Retention deletes by age (shared/retention.py).
+    __table_args__ = (Index("ix_idempotency_records_created_at", "created_at"),)
+
 
 class StripeEvent(Base):
     """Stripe event ids already handled, so a redelivered webhook changes nothing."""
@@ -184,6 +195,7 @@ class StripeEvent(Base):
     applied_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
+        Index("ix_stripe_events_received_at", "received_at"),
         Index(
             "ix_stripe_events_unapplied",
             "received_at",

@@ -33,9 +33,10 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
+from shared.attention import mark_held
 from shared.celery_app import MAX_RETRY_COUNTDOWN_SECONDS
 from shared.config import get_settings
-from shared.db import get_pool
+from shared.db import get_pool, unit_of_work
 from shared.models import RefundStatus
 from shared.rate_limit import RateLimited
 from shared.refund_updates import STRIPE_STATUS, failure_text
@@ -152,6 +153,7 @@ FROM payments p
 WHERE r.id = %(refund_id)s
   AND r.status = 'pending'
   AND (r.lease_expires_at IS NULL OR r.lease_expires_at <= now())
+  AND r.needs_attention_since IS NULL  -- held for a person: sent only when one asks
   AND p.id = r.payment_id
 RETURNING r.attempts, r.amount, r.charge_id, p.stripe_payment_intent_id, r.reason,
           r.stripe_idempotency_key, r.stripe_refund_id, r.lease_expires_at
@@ -283,6 +285,9 @@ def _on_error(
     log.error("Stripe refused our credentials or idempotency key; refund held for a person",
               extra={"refund_id": claim.refund_id, "error": failure.describe()})
     _stay_pending(claim, failure, "held: needs a person")
+    with unit_of_work() as session:
+        mark_held(session, claim.refund_id, claim.attempts, failure.describe())
+        session.commit()
     return Result(Outcome.HELD, error=failure.describe())
 
 

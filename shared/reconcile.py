@@ -6,7 +6,10 @@ One pass:
 2. asks Stripe about refunds it still holds as ``pending``/``requires_action`` (our
    ``processing``/``requires_action``) and moves ours on;
 3. sends Stripe events stored but never applied to the workers again (SPEC 3.3);
-4. reports refunds unfinished for longer than STUCK_ALERT_SECONDS, at error level.
+4. deletes idempotency records and Stripe event ids past their retention
+   (``shared.retention``);
+5. reports stuck refunds (``shared.stuck``: no progress at Stripe for longer than
+   STUCK_ALERT_SECONDS), at error level.
 
 A Postgres advisory lock makes passes exclusive across processes and machines, and
 rows are taken with ``SKIP LOCKED``, so a pass never waits behind other work.
@@ -23,13 +26,15 @@ from typing import Any
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
+from shared import attention, stuck
 from shared.approvals import expire_approvals
 from shared.celery_app import enqueue_refund, enqueue_stripe_event
 from shared.config import get_settings
 from shared.db import get_engine, unit_of_work
-from shared.models import TERMINAL_STATUSES, Payment, Refund, RefundStatus
+from shared.models import Payment, Refund, RefundStatus
 from shared.rate_limit import RateLimited
 from shared.refund_updates import apply_stripe_refund
+from shared.retention import delete_expired
 from shared.stripe_events import unapplied_event_ids
 from shared.stripe_gateway import GATEWAY_ERRORS, StripeGateway, classify_error, get_gateway
 
@@ -59,13 +64,14 @@ def reconcile_once(
         requeued = _requeue_stuck_pending(enqueue)
         polled, moved, errors = _poll_in_flight(gateway)
         events = _resend_unapplied_events()
+        deleted = delete_expired()
         with unit_of_work() as session:
             stuck = stuck_counts(session)
             stuck_ids = stuck_refund_ids(session, limit=STUCK_IDS_REPORTED)
     total_stuck = sum(stuck.values())
     if total_stuck:
         log.error(
-            "%d refunds unfinished for more than %ss",
+            "%d refunds unfinished, without progress at Stripe for more than %ss",
             total_stuck, int(get_settings().stuck_alert_seconds),
             extra={"stuck": stuck, "refund_ids": stuck_ids},
         )
@@ -77,6 +83,7 @@ def reconcile_once(
         "moved": moved,
         "poll_errors": errors,
         "stripe_events_resent": events,
+        **deleted,
         "stuck": total_stuck,
         "stuck_by_status": stuck,
         "stuck_refund_ids": stuck_ids,
@@ -86,30 +93,14 @@ def reconcile_once(
 
 
 def stuck_counts(session: Session) -> dict[str, int]:
-    """Unfinished refunds older than STUCK_ALERT_SECONDS, by status (for metrics)."""
-    rows = session.execute(
-        select(Refund.status, func.count())
-        .where(_stuck_condition())
-        .group_by(Refund.status)
-    ).all()
-    return {status: int(count) for status, count in rows}
+    """Stuck refunds by status (``shared.stuck``), for the alert."""
+    return stuck.stuck_counts(session, threshold_seconds=get_settings().stuck_alert_seconds)
 
 
 def stuck_refund_ids(session: Session, *, limit: int) -> list[str]:
-    return list(
-        session.scalars(
-            select(Refund.id).where(_stuck_condition()).order_by(Refund.created_at).limit(limit)
-        )
+    return stuck.stuck_refund_ids(
+        session, threshold_seconds=get_settings().stuck_alert_seconds, limit=limit
     )
-
-
-def _stuck_condition() -> Any:
-    # Age counts from creation: an attempt or a poll touches updated_at, not the
-    # customer's wait.
-    older = func.now() - timedelta(seconds=get_settings().stuck_alert_seconds)
-    # A refund awaiting approval waits for a person, not for Stripe: never stuck.
-    waiting = (*TERMINAL_STATUSES, RefundStatus.AWAITING_APPROVAL)
-    return Refund.status.not_in(waiting) & (Refund.created_at < older)
 
 
 @contextmanager
@@ -145,6 +136,7 @@ def _requeue_stuck_pending(enqueue: Callable[[str], bool]) -> int:
                     # A live lease: a worker is sending it right now.
                     or_(Refund.lease_expires_at.is_(None), Refund.lease_expires_at <= func.now()),
                 )
+                .where(attention.left_to_the_workers())  # held for a person: not retried
                 .order_by(Refund.updated_at)
                 .limit(BATCH_SIZE)
                 .with_for_update(skip_locked=True)

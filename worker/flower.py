@@ -2,8 +2,9 @@
 
 Flower itself starts without authentication when ``FLOWER_BASIC_AUTH`` is unset;
 this wrapper refuses to, with one line, and gives Flower the same JSON logs as
-the other processes. Flower's other options come from its own environment
-variables (``FLOWER_PORT``, ``FLOWER_ADDRESS``, ``FLOWER_URL_PREFIX``...).
+the other processes. Flower's other options are passed through as ``celery flower``
+takes them (``--port``, ``--address``, ``--url_prefix``...), and its own environment
+variables (``FLOWER_PORT``, ``FLOWER_ADDRESS``, ``FLOWER_URL_PREFIX``...) apply.
 """
 
 from __future__ import annotations
@@ -26,6 +27,19 @@ def basic_auth_problem(value: str | None) -> str | None:
     return None
 
 
+def tornado_options(argv: Sequence[str]) -> list[str]:
+    """``--port 5556`` as ``--port=5556``: Flower parses its options with tornado, which
+    takes only the ``=`` form. Flower has no positional arguments, so a word after an
+    option is that option's value."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and not arg.startswith("-"):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] = ()) -> int:
     settings = load_settings()
     problem = basic_auth_problem(settings.flower_basic_auth)
@@ -38,7 +52,7 @@ def main(argv: Sequence[str] = ()) -> int:
     # Flower reads FLOWER_BASIC_AUTH from the environment itself, so the password
     # never appears in the process list.
     celery.main(
-        args=["--app", "worker.app", "flower", *argv],
+        args=["--app", "worker.app", "flower", *tornado_options(argv)],
         prog_name="refunds flower",
         standalone_mode=True,
     )

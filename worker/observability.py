@@ -62,7 +62,10 @@ def _setup_logging(**_: Any) -> None:
 
 def _worker_ready(**_: Any) -> None:
     # Not worker_init: that fires before logging is set up, and a port in use must be seen.
-    metrics.start_worker_metrics_server(get_settings().worker_metrics_port)
+    settings = get_settings()
+    metrics.start_worker_metrics_server(
+        settings.worker_metrics_port, token=settings.metrics_token
+    )
 
 
 def _refund_id(task_name: str, args: Any, kwargs: Any) -> str | None:

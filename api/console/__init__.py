@@ -174,7 +174,6 @@ def overview() -> Any:
     with unit_of_work() as session:
         data = queries.overview(
             session=session,
-            stuck_after_seconds=settings.stuck_after_seconds,
             stuck_alert_seconds=settings.stuck_alert_seconds,
         )
         refresh = OVERVIEW_REFRESH_SECONDS if request.args.get("refresh") != "off" else None
@@ -254,7 +253,6 @@ def refund(refund_id: str) -> Any:
         detail = queries.refund_detail(
             session=session,
             refund_id=refund_id,
-            stuck_after_seconds=settings.stuck_after_seconds,
             stuck_alert_seconds=settings.stuck_alert_seconds,
         )
         return render_template(

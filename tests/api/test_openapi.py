@@ -89,21 +89,31 @@ def test_every_endpoint_of_spec_3_is_described(doc) -> None:
 
 
 def test_request_schema_is_the_seeds_with_the_spec_limits(doc, contract) -> None:
+    """The seed's one object, published as its two valid shapes (by amount, full), each
+    closed to unknown fields and listing every property it takes."""
     op = doc["paths"][REFUNDS]["post"]
     assert op["requestBody"]["required"] is True
     schema = contract.resolve(op["requestBody"]["content"]["application/json"]["schema"])
-    assert schema["type"] == "object"
-    assert schema["required"] == SEED_REQUEST["required"]
-    assert set(schema["properties"]) == set(SEED_REQUEST["properties"])
-    for name, seed_property in SEED_REQUEST["properties"].items():
-        for keyword, value in seed_property.items():
-            assert schema["properties"][name][keyword] == value, (name, keyword)
-    # SPEC 3.1's refinements of the seed.
-    assert schema["additionalProperties"] is False
-    props = schema["properties"]
-    assert props["amount_cents"]["maximum"] == 2**53
-    assert props["charge_id"]["maxLength"] == 255
-    assert props["reason"]["maxLength"] == 500
+    variants = {ref["$ref"].rsplit("/", 1)[1]: contract.resolve(ref) for ref in schema["oneOf"]}
+    assert set(variants) == {"RefundByAmount", "FullRefund"}
+    assert set().union(*(v["properties"] for v in variants.values())) == set(
+        SEED_REQUEST["properties"]
+    )
+    for variant in variants.values():
+        assert variant["type"] == "object"
+        assert variant["additionalProperties"] is False  # SPEC 3.1
+        assert "charge_id" in variant["required"]
+        for name, prop in variant["properties"].items():
+            for keyword, value in SEED_REQUEST["properties"][name].items():
+                assert prop[keyword] == value, (name, keyword)
+        assert variant["properties"]["charge_id"]["maxLength"] == 255
+        assert variant["properties"]["reason"]["maxLength"] == 500
+    by_amount, full = variants["RefundByAmount"], variants["FullRefund"]
+    assert by_amount["required"] == ["charge_id", "amount_cents"]
+    assert by_amount["properties"]["amount_cents"]["maximum"] == 2**53
+    assert by_amount["properties"]["full"]["const"] is False
+    assert full["required"] == ["charge_id", "full"]
+    assert full["properties"]["full"]["const"] is True
 
 
 def test_201_schema_has_exactly_the_seeds_fields(doc, contract) -> None:

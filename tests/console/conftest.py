@@ -54,6 +54,7 @@ OPERATOR = "oncall@example.com"
 STACK_SETTINGS = {
     "FLOWER_URL": FLOWER_URL,  # [unset: no link]
     "STUCK_AFTER_SECONDS": "3",  # [300]
+    "STUCK_ALERT_SECONDS": "3",  # [3600]
     "RETRY_BASE_SECONDS": "0.1",  # [2]
     "RETRY_MAX_SECONDS": "0.3",  # [300]
     "MAX_ATTEMPTS": "2",  # [8]

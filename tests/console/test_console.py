@@ -30,7 +30,7 @@ from tests.console.conftest import (
 )
 from tests.support import free_port
 
-STUCK_AFTER_SECONDS = float(STACK_SETTINGS["STUCK_AFTER_SECONDS"])
+STUCK_ALERT_SECONDS = float(STACK_SETTINGS["STUCK_ALERT_SECONDS"])
 XSS = "<script>window.__xss = 1</script><img src=x onerror=\"window.__xss = 2\">"
 
 
@@ -194,7 +194,7 @@ def test_reconcile_now_sends_a_stuck_refund_again_and_records_the_operator(
         stack.admin.clear_faults()
     last_error = db.get(Refund, stuck_id).last_error
     assert last_error
-    time.sleep(STUCK_AFTER_SECONDS)  # now it is stuck: pending for longer than that
+    time.sleep(STUCK_ALERT_SECONDS)  # now it is stuck: no progress for longer than that
 
     sign_in(page, stack, stack.token())
     page.goto(f"{stack.url}/console/?refresh=off")

@@ -140,7 +140,7 @@ def _console_statements(engine: Engine) -> list[tuple[str, str, Any]]:
     try:
         with Session(engine) as session:
             label = "overview"
-            queries.overview(session=session, stuck_after_seconds=300, stuck_alert_seconds=3600)
+            queries.overview(session=session, stuck_alert_seconds=3600)
             lists = {
                 "list newest": {},
                 "list status=pending": {"status": "pending"},
@@ -161,7 +161,7 @@ def _console_statements(engine: Engine) -> list[tuple[str, str, Any]]:
                 ).next_cursor
             label = "refund page"
             queries.refund_detail(session=session, refund_id="rf_scale000507",
-                                  stuck_after_seconds=300, stuck_alert_seconds=3600)
+                                  stuck_alert_seconds=3600)
             label = "approvals"
             approvals.approval_queue(session=session, limit=200)
     finally:

@@ -74,8 +74,44 @@ def services(compose: list[str]) -> dict[str, Any]:
     return json.loads(result.stdout)["services"]
 
 
-def test_compose_file_is_valid_and_has_every_service(services: dict[str, Any]) -> None:
-    assert set(services) == {"postgres", "redis", "stripe-emulator", *APP_SERVICES}
+def test_compose_file_is_valid_and_has_every_service(
+    services: dict[str, Any], compose: list[str]
+) -> None:
+    assert set(services) == {"postgres", "redis", *APP_SERVICES}
+    result = _config(compose, {"COMPOSE_PROFILES": "emulator"})
+    assert result.returncode == 0, result.stderr
+    assert set(json.loads(result.stdout)["services"]) == {
+        "postgres", "redis", "stripe-emulator", *APP_SERVICES
+    }
+
+
+def test_a_live_deployment_is_never_pointed_at_the_emulator(compose: list[str]) -> None:
+    """Failed before: STRIPE_API_BASE defaulted to the emulator whatever the key."""
+    live = {"APP_ENV": "production", "STRIPE_API_KEY": "sk_live_from_the_environment"}
+    for env in (live, {"STRIPE_API_KEY": "sk_live_from_the_environment"}, {}):
+        result = _config(compose, env)
+        assert result.returncode == 0, result.stderr
+        for name in APP_SERVICES:
+            environment = json.loads(result.stdout)["services"][name]["environment"]
+            assert not environment.get("STRIPE_API_BASE"), (name, env)  # unset: real Stripe
+
+
+def test_secrets_come_from_the_environment_with_no_public_default(compose: list[str]) -> None:
+    """Failed before: JWT_SECRET defaulted to the development secret published here, and
+    CONSOLE_SECRET_KEY, METRICS_TOKEN and APP_ENV could not be passed in at all."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert "dev-only-insecure" not in text
+    given = {
+        "APP_ENV": "production", "JWT_SECRET": "j" * 40, "CONSOLE_SECRET_KEY": "c" * 40,
+        "STRIPE_WEBHOOK_SECRET": "whsec_from_env", "METRICS_TOKEN": "m" * 32,
+    }
+    result = _config(compose, given)
+    assert result.returncode == 0, result.stderr
+    for name in APP_SERVICES:
+        environment = json.loads(result.stdout)["services"][name]["environment"]
+        assert {k: environment.get(k) for k in given} == given, name
+    unset = json.loads(_config(compose).stdout)["services"]["web"]["environment"]
+    assert all(unset.get(k) is None for k in given if k != "APP_ENV"), unset
 
 
 def test_each_app_container_runs_its_procfile_line(services: dict[str, Any]) -> None:

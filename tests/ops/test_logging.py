@@ -117,10 +117,13 @@ def test_the_configured_secret_values_are_masked_wherever_they_appear(
 ) -> None:
     monkeypatch.setenv("JWT_SECRET", "a-shared-secret-with-no-recognisable-shape")
     monkeypatch.setenv("FLOWER_BASIC_AUTH", "ops:flower-password-xyz")
-    line = json.dumps(
-        _formatted(_record("cfg a-shared-secret-with-no-recognisable-shape flower-password-xyz"))
-    )
+    monkeypatch.setenv("METRICS_TOKEN", "scrape-token-of-no-known-shape")
+    line = json.dumps(_formatted(_record(
+        "cfg a-shared-secret-with-no-recognisable-shape flower-password-xyz "
+        "scrape-token-of-no-known-shape"
+    )))
     assert "recognisable" not in line and "flower-password-xyz" not in line
+    assert "scrape-token" not in line
 
 
 def test_an_unknown_log_level_stops_the_process_with_one_line() -> None:

@@ -58,6 +58,16 @@ NAMED = [
     ("web", "LOG_LEVEL", "LOUD"),
     ("flower", "FLOWER_BASIC_AUTH", "admin"),
     ("flower", "FLOWER_BASIC_AUTH", None),  # unset
+    # Malformed values that used to be accepted (issue 12).
+    ("worker", "REDIS_URL", "bogus"),
+    ("web", "REDIS_URL", "redis://localhost:port/0"),
+    ("beat", "CELERY_BROKER_URL", "rabbit-at-localhost"),
+    ("worker", "STRIPE_API_BASE", "not-a-url"),
+    ("web", "JWT_JWKS_URL", "keys.example.com/jwks.json"),
+    ("web", "REFUNDS_WRITE_SCOPE", ""),
+    ("cli", "REFUNDS_READ_SCOPE", "refunds:read refunds:write"),
+    ("beat", "RECONCILE_INTERVAL_SECONDS", "-60"),
+    ("cli", "APP_ENV", "prod"),
 ]
 Case = tuple[str, str, str | None]
 

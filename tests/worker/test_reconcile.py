@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import subprocess
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -20,6 +22,7 @@ from shared.models import Refund, RefundEvent, RefundStatus
 from shared.processing import Outcome, process_refund
 from shared.reconcile import RECONCILE_LOCK, reconcile_once, stuck_counts
 from shared.stripe_gateway import StripeGateway
+from tests.support import BIN
 from tests.worker.conftest import (
     Stack,
     initiate,
@@ -161,3 +164,139 @@ def test_stripe_refusing_our_key_holds_the_refund_pending_until_the_key_works(
     # With a working key (the stack's), the reconciler picks it up again.
     wait_for_statuses(db, [refund_id], "succeeded", timeout=15)
     assert stripe_refunds_per_id(stack, [refund_id]) == {refund_id: 1}
+
+
+def _console_overview(stack: Stack) -> str:
+    from tests.support import token
+
+    with httpx.Client(base_url=stack.api_url, timeout=10) as client:
+        form = client.get("/console/login")
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
+        assert csrf
+        signed_in = client.post("/console/login", data={
+            "csrf_token": csrf.group(1), "token": token(get_settings(), sub="oncall@example.com")})
+        assert signed_in.status_code == 303, signed_in.text
+        return client.get("/console/?refresh=off").text
+
+
+def test_a_refund_pending_for_an_hour_is_stuck_in_the_gauge_console_and_alert_with_beat_running(
+    stack: Stack, db: Session, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One meaning of stuck (shared/stuck.py). Failed before: beat's re-enqueue touches
+    updated_at every STUCK_AFTER_SECONDS, and the gauge counted from updated_at, so it
+    read 0 for this refund for as long as beat ran."""
+    alert = timedelta(seconds=get_settings().stuck_alert_seconds)
+    # Stripe answers 503 to every refund call: the refund stays pending, and beat keeps
+    # re-enqueueing it (touching it) while the worker keeps trying.
+    stack.admin.faults(fail_next={"status": 503, "count": 100_000, "path_prefix": "/v1/refunds"})
+    [charge_id] = seed_payments(stack, db, 1)
+    refund_id = initiate(db, charge_id)
+    db.execute(update(Refund).where(Refund.id == refund_id).values(
+        created_at=func.now() - alert - timedelta(minutes=1)))
+    db.commit()
+    assert enqueue_refund(refund_id)
+    touched = wait_for(
+        lambda: (r := refunds_of(db, [refund_id])[refund_id]).attempts >= 2
+        and r.updated_at > datetime.now(UTC) - timedelta(seconds=5) and r,
+        timeout=30, what="beat and the worker to keep touching the refund",
+    )
+    assert touched.status == "pending"
+
+    scrape = httpx.get(f"{stack.api_url}/metrics", timeout=15).text
+    stuck_pending = re.search(r'^refunds_stuck\{status="pending"\} (\S+)$', scrape, re.MULTILINE)
+    assert stuck_pending and float(stuck_pending.group(1)) >= 1, scrape[-2000:]
+
+    overview = _console_overview(stack)
+    assert f"data-refund-id=\"{refund_id}\"" in overview
+
+    with caplog.at_level(logging.ERROR, logger="shared.reconcile"):
+        summary = wait_for(lambda: (s := reconcile_once())["skipped"] is False and s,
+                           timeout=10, what="a reconcile pass of our own")
+    assert refund_id in summary["stuck_refund_ids"]
+    assert stuck_counts(db).get("pending", 0) >= 1
+    alerts = [r for r in caplog.records
+              if r.levelno == logging.ERROR and "unfinished" in r.getMessage()]
+    assert alerts and refund_id in alerts[-1].refund_ids  # type: ignore[attr-defined]
+    stack.admin.clear_faults()
+
+
+def test_a_pass_does_not_add_the_stuck_level_to_the_actions_counter() -> None:
+    """Failed before: every pass added its stuck count to
+    refunds_reconcile_actions_total{action="stuck"}, a counter of what passes did."""
+    from prometheus_client import REGISTRY
+
+    from shared.metrics import observe_reconcile
+
+    def value(action: str) -> float:
+        return REGISTRY.get_sample_value(
+            "refunds_reconcile_actions_total", {"action": action}
+        ) or 0.0
+
+    stuck_before, reenqueued_before = value("stuck"), value("reenqueued")
+    observe_reconcile({"stuck": 3, "reenqueued": 2, "skipped": False})
+    observe_reconcile({"stuck": 3, "reenqueued": 0, "skipped": False})
+    assert value("stuck") == stuck_before
+    assert value("reenqueued") == reenqueued_before + 2
+
+
+def test_a_refund_held_max_attempts_times_waits_for_a_person_who_releases_it(
+    stack: Stack, db: Session
+) -> None:
+    """SPEC 7. Failed before: a refund Stripe refused for credentials was re-enqueued
+    every STUCK_AFTER_SECONDS for ever (an attempt, a Stripe call and an audit event
+    each time), nothing counted or showed it, and `refunds reconcile --refund` did not
+    exist."""
+    stack.beat.stop()  # this test plays the reconciler itself
+    settings = get_settings()
+    bad_key = StripeGateway(settings.model_copy(update={"stripe_api_key": "sk_live_revoked"}))
+    [charge_id] = seed_payments(stack, db, 1)
+    refund_id = initiate(db, charge_id)
+    for attempt in range(1, settings.max_attempts + 1):
+        assert process_refund(refund_id, gateway=bad_key).outcome is Outcome.HELD
+        refund = refunds_of(db, [refund_id])[refund_id]
+        assert refund.attempts == attempt
+        assert (refund.needs_attention_since is not None) == (attempt == settings.max_attempts)
+    assert (refund.needs_attention_reason or "").startswith("authentication_error: ")
+    events_when_marked = len(trail(db, refund_id))
+
+    # However long it waits, the reconciler no longer sends it to the workers.
+    db.execute(update(Refund).where(Refund.id == refund_id)
+               .values(updated_at=func.now() - timedelta(hours=2)))
+    db.commit()
+    enqueued: list[str] = []
+    wait_for(lambda: reconcile_once(gateway=bad_key, enqueue=lambda i: enqueued.append(i) or True)
+             ["skipped"] is False, timeout=10, what="a reconcile pass of our own")
+    assert refund_id not in enqueued
+    assert len(trail(db, refund_id)) == events_when_marked
+
+    # Counted in its own metric, and shown in the console.
+    scrape = httpx.get(f"{stack.api_url}/metrics", timeout=15).text
+    held = re.search(r"^refunds_needs_attention (\S+)$", scrape, re.MULTILINE)
+    assert held and float(held.group(1)) >= 1
+    overview = _console_overview(stack)
+    section = overview[overview.index('id="needs-attention"'):]
+    assert f'data-refund-id="{refund_id}"' in section.split("</section>")[0]
+
+    # A person asks (the key is fixed: the stack's worker has a good one).
+    asked = subprocess.run(
+        [str(BIN / "refunds"), "reconcile", "--refund", refund_id, "--as", "oncall@example.com"],
+        env=stack.env, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert asked.returncode == 0, asked.stderr
+    assert json.loads(asked.stdout) == {"refund_id": refund_id, "status": "pending",
+                                        "task": "refunds.process", "enqueued": True}
+    rows = wait_for_statuses(db, [refund_id], "succeeded", timeout=15)
+    assert rows[refund_id].needs_attention_since is None
+    asked_event = db.scalar(select(RefundEvent.detail).where(
+        RefundEvent.refund_id == refund_id, RefundEvent.actor == "oncall@example.com"))
+    assert asked_event == {"action": "reconcile_now", "task": "refunds.process",
+                           "cleared": "needs attention"}
+    assert stripe_refunds_per_id(stack, [refund_id]) == {refund_id: 1}
+
+
+def test_refunds_reconcile_refund_names_what_it_cannot_find(stack: Stack) -> None:
+    asked = subprocess.run(
+        [str(BIN / "refunds"), "reconcile", "--refund", "rf_nosuchrefund"],
+        env=stack.env, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert asked.returncode == 1 and "rf_nosuchrefund" in asked.stderr
