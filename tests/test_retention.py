@@ -30,7 +30,10 @@ def rows(db: Session) -> Iterator[str]:
     for kind, seconds in ages.items():
         for i in range(len(seconds)):
             db.add(IdempotencyRecord(subject=tag, key=f"{kind}-{i}", request_hash="h"))
-            db.add(StripeEvent(id=f"evt_{tag}_{kind}_{i}", type="charge.succeeded"))
+            db.add(StripeEvent(id=f"evt_{tag}_{kind}_{i}", type="charge.succeeded",
+                               applied_at=func.now()))
+    # Stored but never applied (Stripe was down for a year?): kept whatever its age.
+    db.add(StripeEvent(id=f"evt_{tag}_unapplied", type="refund.updated"))
     db.flush()
     event_ages = {"old": [31 * DAY] * 7 + [400 * DAY], "young": [29 * DAY, 25 * HOUR, 0]}
     for kind, seconds in ages.items():
@@ -47,6 +50,8 @@ def rows(db: Session) -> Iterator[str]:
                      " WHERE id = :id"),
                 {"a": age, "id": f"evt_{tag}_{kind}_{i}"},
             )
+    db.execute(text("UPDATE stripe_events SET received_at = now() - interval '400 days'"
+                    " WHERE id = :id"), {"id": f"evt_{tag}_unapplied"})
     db.commit()
     yield tag
     db.execute(delete(IdempotencyRecord).where(IdempotencyRecord.subject == tag))
@@ -73,7 +78,7 @@ def test_expired_rows_are_deleted_in_batches_and_younger_ones_kept(
     assert deleted["stripe_events_deleted"] >= 8
     keys, events = _left(db, rows)
     assert keys == {"young-0", "young-1", "young-2"}
-    assert events == {"young_0", "young_1", "young_2"}
+    assert events == {"young_0", "young_1", "young_2", "unapplied"}
 
 
 def test_a_pass_deletes_at_most_its_batches_and_the_next_pass_goes_on(
@@ -97,7 +102,7 @@ def test_the_reconcile_pass_beat_runs_deletes_them(db: Session, rows: str) -> No
     assert summary["idempotency_records_deleted"] >= 8
     assert summary["stripe_events_deleted"] >= 8
     assert _left(db, rows) == (
-        {"young-0", "young-1", "young-2"}, {"young_0", "young_1", "young_2"}
+        {"young-0", "young-1", "young-2"}, {"young_0", "young_1", "young_2", "unapplied"}
     )
 
 
@@ -109,4 +114,4 @@ def test_both_deletes_are_served_by_an_index_on_the_rows_age(db: Session) -> Non
             ),
             {"t": table, "d": f"%({column})%"},
         )
-        assert indexed == 1, table
+        assert indexed >= 1, table
