@@ -22,5 +22,5 @@ USER refunds
 
 ENV PORT=8000
 EXPOSE 8000
-ENTRYPOINT ["python", "-m", "shared.procfile"]
+ENTRYPOINT ["python", "-m", "cli.procfile"]
 CMD ["web"]

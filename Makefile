@@ -18,7 +18,7 @@ migrate: install
 	$(BIN)/alembic upgrade head
 
 run: install
-	$(BIN)/python -m shared.devstack
+	$(BIN)/python -m cli.devstack
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -42,6 +42,7 @@ bench: install
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -4,7 +4,7 @@ Command-line flags win over these defaults; the Procfile passes the tunables
 explicitly. This file does what a flag cannot:
 - checks the settings before any worker boots, so a bad one is one line, not a
   traceback per worker;
-- JSON logs for gunicorn's own logger and the app (``shared.logging``);
+- JSON logs for gunicorn's own logger and the app (``shared.adapters.logging``);
 - prometheus_client multiprocess mode: every worker writes its metrics to
   ``PROMETHEUS_MULTIPROC_DIR`` (a fresh temporary directory unless set), and
   ``/metrics`` answers with the sum of all of them.
@@ -22,8 +22,8 @@ from pathlib import Path
 
 from gunicorn import glogging, util
 
-from shared.config import load_settings
-from shared.logging import dict_config
+from shared.adapters.config import load_settings
+from shared.adapters.logging import dict_config
 
 settings = load_settings()
 

@@ -8,7 +8,7 @@ from flask import Flask, Response, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from api.errors import register_error_handlers
-from shared.config import get_settings
+from shared.adapters.config import get_settings
 
 REQUEST_ID_MAX = 128
 

@@ -1,4 +1,4 @@
-"""Approve, reject and cancel a refund (SPEC 12): thin views over ``shared.approvals``.
+"""Approve, reject and cancel a refund (SPEC 12): thin views over ``shared.services.approvals``.
 
 Checked in this order: token (401), scope (403), body (422), the refund (404), who asks
 (403 ``self_approval``), where the refund is (409). A refused request changes nothing.
@@ -16,9 +16,9 @@ from api.auth import require_scope
 from api.errors import ApiError
 from api.refunds import _repeated_keys
 from api.schemas import Decision, describe
-from shared import approvals, refunds
-from shared.celery_app import enqueue_refund
-from shared.db import unit_of_work
+from shared.adapters.celery_app import enqueue_refund
+from shared.adapters.db import unit_of_work
+from shared.services import approvals, refunds
 
 bp = Blueprint("approvals", __name__, url_prefix="/v1/admin/refunds")
 

@@ -15,7 +15,7 @@ from cachetools import TTLCache
 from flask import g, request
 
 from api.errors import ApiError
-from shared.config import Settings, get_settings
+from shared.adapters.config import Settings, get_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger(__name__)

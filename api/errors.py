@@ -8,7 +8,7 @@ from flask import Flask, Response, g, jsonify
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from shared import errors as domain
+from shared.domain import errors as domain
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def register_error_handlers(app: Flask) -> None:
     def _database_unavailable(exc: OperationalError) -> Response:
         # A statement failed before COMMIT (the database is down, a lock wait timed
         # out): nothing was committed, and the same request can safely be sent again.
-        # A failure of the COMMIT itself is OutcomeUnknown (shared.db), answered above.
+        # A failure of the COMMIT itself is OutcomeUnknown (shared.adapters.db), answered above.
         log.exception("database unavailable", extra={"request_id": g.get("request_id")})
         return error_response(
             503,

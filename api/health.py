@@ -5,8 +5,8 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify
 from sqlalchemy import text
 
-from shared.celery_app import get_celery
-from shared.db import get_engine
+from shared.adapters.celery_app import get_celery
+from shared.adapters.db import get_engine
 
 bp = Blueprint("health", __name__)
 

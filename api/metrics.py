@@ -2,7 +2,7 @@
 
 Registering this blueprint is all the instrumentation the views need: every
 request is counted and timed by route template, ``POST /v1/admin/refunds`` answers
-are counted by outcome (``shared.celery_app`` counts the tasks it hands to the
+are counted by outcome (``shared.adapters.celery_app`` counts the tasks it hands to the
 broker), and one JSON log line is written per request (probes and scrapes only when
 they fail), carrying request_id and refund_id.
 """
@@ -14,9 +14,10 @@ import time
 
 from flask import Blueprint, Response, g, jsonify, request
 
-from shared import logging as service_logging
-from shared import metrics
-from shared.config import get_settings
+from shared.adapters import logging as service_logging
+from shared.adapters import metrics
+from shared.adapters.config import get_settings
+from shared.services import refund_gauges
 
 bp = Blueprint("metrics", __name__)
 access_log = logging.getLogger("api.access")
@@ -34,7 +35,9 @@ def scrape() -> Response:
         response.status_code = 401
         response.headers["WWW-Authenticate"] = 'Bearer realm="metrics"'
         return response
-    body = metrics.exposition(stuck_alert_seconds=settings.stuck_alert_seconds)
+    body = metrics.exposition() + refund_gauges.exposition(
+        stuck_alert_seconds=settings.stuck_alert_seconds
+    )
     return Response(body, mimetype=None, content_type=metrics.CONTENT_TYPE)
 
 

@@ -27,7 +27,7 @@ from api.schemas import (
     REASON_MAX,
     RefundStatusName,
 )
-from shared.config import Settings, get_settings
+from shared.adapters.config import Settings, get_settings
 
 bp = Blueprint("openapi", __name__)
 

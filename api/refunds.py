@@ -1,4 +1,4 @@
-"""/v1/admin/refunds: thin views over ``shared.refunds``."""
+"""/v1/admin/refunds: thin views over ``shared.services.refunds``."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from pydantic import ValidationError
 from api.auth import require_scope
 from api.errors import ApiError
 from api.schemas import RefundCreate, RefundListQuery, describe
-from shared import refunds
-from shared.celery_app import enqueue_refund
-from shared.db import unit_of_work
-from shared.idempotency import request_fingerprint
-from shared.models import RefundStatus
+from shared.adapters.celery_app import enqueue_refund
+from shared.adapters.db import unit_of_work
+from shared.domain.models import RefundStatus
+from shared.services import refunds
+from shared.services.idempotency import request_fingerprint
 
 bp = Blueprint("refunds", __name__, url_prefix="/v1/admin/refunds")
 

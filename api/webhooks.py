@@ -10,10 +10,10 @@ import logging
 from flask import Blueprint, Response, jsonify, request
 
 from api.errors import ApiError
-from shared import stripe_events
-from shared.celery_app import enqueue_stripe_event
-from shared.config import get_settings
-from shared.db import unit_of_work
+from shared.adapters.celery_app import enqueue_stripe_event
+from shared.adapters.config import get_settings
+from shared.adapters.db import unit_of_work
+from shared.services import stripe_events
 
 log = logging.getLogger(__name__)
 

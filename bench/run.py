@@ -368,8 +368,8 @@ class Bench:
         self.seed()
 
         os.environ.update(self.env)
-        from shared.config import get_settings
-        from shared.tokens import issue_token
+        from shared.adapters.config import get_settings
+        from shared.adapters.tokens import issue_token
 
         get_settings.cache_clear()
         self.token = issue_token(

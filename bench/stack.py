@@ -3,7 +3,7 @@
 Everything here is created for one run and removed at its end: a Postgres database
 ``refunds_bench_<random>``, a ``redis-server`` on a free port, the Stripe emulator,
 and the Procfile's ``web`` and ``worker`` lines (started through
-``python -m shared.procfile``, so they run exactly as in production).
+``python -m cli.procfile``, so they run exactly as in production).
 
 CPU time and memory come from ``/proc`` (Linux): ``VmHWM`` is a process's peak
 resident set size, ``utime + stime`` its CPU time.
@@ -231,7 +231,7 @@ class Process:
 
 def procfile_process(kind: str, env: dict[str, str], log_dir: Path, *, suffix: str = "") -> Process:
     """A Procfile process type, started the way containers start it."""
-    argv = [sys.executable, "-m", "shared.procfile", kind]
+    argv = [sys.executable, "-m", "cli.procfile", kind]
     return Process(kind + suffix, argv, env, log_dir / f"{kind}{suffix}.log")
 
 

@@ -77,7 +77,7 @@ def service_env(
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     os.environ.pop("CELERY_BROKER_URL", None)
-    from shared.config import get_settings
+    from shared.adapters.config import get_settings
 
     get_settings.cache_clear()
     from alembic import command
@@ -87,7 +87,7 @@ def service_env(
     cfg.attributes["configure_logging"] = False
     command.upgrade(cfg, "head")
     yield {**os.environ}
-    from shared.db import get_engine
+    from shared.adapters.db import get_engine
 
     get_engine().dispose()
     _admin_execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
@@ -100,14 +100,14 @@ def service_env(
 
 @pytest.fixture(scope="session")
 def settings(service_env: dict[str, str]):
-    from shared.config import get_settings
+    from shared.adapters.config import get_settings
 
     return get_settings()
 
 
 @pytest.fixture
 def db(service_env: dict[str, str]) -> Iterator[Session]:
-    from shared.db import get_engine
+    from shared.adapters.db import get_engine
 
     with Session(get_engine(), expire_on_commit=False) as session:
         yield session

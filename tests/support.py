@@ -18,9 +18,9 @@ import redis
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from shared.config import Settings
-from shared.models import Charge, Payment, new_id
-from shared.tokens import issue_token
+from shared.adapters.config import Settings
+from shared.adapters.tokens import issue_token
+from shared.domain.models import Charge, Payment, new_id
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

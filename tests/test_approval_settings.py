@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
-from shared.config import Settings
-from shared.transitions import can_move
+from shared.adapters.config import Settings
+from shared.services.transitions import can_move
 from tests.support import BIN, ROOT
 
 

@@ -1,6 +1,6 @@
 """``enqueue_refund`` writes to Redis exactly what kombu's Redis transport would.
 
-The API pushes its task messages onto the broker's list itself (``shared.celery_app``);
+The API pushes its task messages onto the broker's list itself (``shared.adapters.celery_app``);
 if a kombu upgrade changed its envelope, this comparison fails before a worker
 misreads a message. (That workers run what it pushes is shown by every worker test.)
 """
@@ -17,7 +17,7 @@ import pytest
 import redis
 from kombu import Connection
 
-from shared.celery_app import (
+from shared.adapters.celery_app import (
     APPLY_STRIPE_EVENT_TASK,
     PROCESS_REFUND_TASK,
     RECONCILE_QUEUE,
@@ -86,7 +86,7 @@ def test_the_message_is_the_one_send_task_sends(
     assert _redis_list_client() is not None  # the tests' broker is Redis
     get_celery().send_task(PROCESS_REFUND_TASK, args=["rf_test"], queue=queue)
     by_celery = _pop(client, queue)
-    monkeypatch.setattr("shared.celery_app.REFUNDS_QUEUE", queue)
+    monkeypatch.setattr("shared.adapters.celery_app.REFUNDS_QUEUE", queue)
     assert enqueue_refund("rf_test")
     by_us = _pop(client, queue)
 

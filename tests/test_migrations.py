@@ -16,7 +16,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, inspect, make_url, text
 from sqlalchemy.exc import DBAPIError
 
-from shared.models import Base
+from shared.domain.models import Base
 
 ALEMBIC_INI = Path(__file__).resolve().parent.parent / "alembic.ini"
 SEED_ROWS = (

@@ -1,7 +1,7 @@
 """Retention (SPEC 7): beat deletes idempotency records past 24 h and processed Stripe
 event ids past 30 days, in batches, and keeps everything younger.
 
-Failed before: nothing was ever deleted (``shared.retention`` did not exist and a
+Failed before: nothing was ever deleted (``shared.services.retention`` did not exist and a
 reconcile pass deleted nothing).
 """
 
@@ -14,9 +14,9 @@ import pytest
 from sqlalchemy import delete, func, select, text
 from sqlalchemy.orm import Session
 
-from shared.models import IdempotencyRecord, StripeEvent
-from shared.reconcile import reconcile_once
-from shared.retention import delete_expired
+from shared.domain.models import IdempotencyRecord, StripeEvent
+from shared.services.reconcile import reconcile_once
+from shared.services.retention import delete_expired
 
 HOUR = 3600
 DAY = 24 * HOUR

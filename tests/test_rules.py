@@ -1,4 +1,4 @@
-"""Property tests for the refund-amount rules (``shared.rules``): whatever the history of
+"""Property tests for the refund-amount rules (``shared.domain.rules``): whatever the history of
 a payment, refunds never add up to more than was captured."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from shared.errors import AlreadyRefunded, AmountExceedsRefundable
-from shared.models import RELEASED_STATUSES, RefundStatus
-from shared.rules import amount_to_refund, refundable_left
+from shared.domain.errors import AlreadyRefunded, AmountExceedsRefundable
+from shared.domain.models import RELEASED_STATUSES, RefundStatus
+from shared.domain.rules import amount_to_refund, refundable_left
 
 PROPERTY = hypothesis_settings(max_examples=400, database=None, deadline=None)
 

@@ -5,7 +5,7 @@ from typing import Any
 
 from celery.signals import worker_init
 
-from shared.celery_app import get_celery
+from shared.adapters.celery_app import get_celery
 from worker.observability import process_type
 
 # Names this process's Postgres connections (pg_stat_activity.application_name), so an
@@ -24,8 +24,8 @@ install_observability(app)  # JSON logs and metrics through Celery signals
 def _build_shared_clients(**_: Any) -> None:
     # Build the process-wide engine, pool and Stripe client once, before the thread pool
     # starts, so no two threads race to create them.
-    from shared.db import get_engine, get_pool
-    from shared.stripe_gateway import get_gateway
+    from shared.adapters.db import get_engine, get_pool
+    from shared.adapters.stripe_gateway import get_gateway
 
     get_engine()
     get_pool()

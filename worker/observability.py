@@ -1,7 +1,7 @@
 """Logs and metrics for the worker and beat, wired through Celery signals.
 
 ``install()`` (called once by ``worker.app``) connects:
-- ``setup_logging``: JSON lines (``shared.logging``) instead of Celery's text format,
+- ``setup_logging``: JSON lines (``shared.adapters.logging``) instead of Celery's text format,
   for both worker and beat;
 - ``task_prerun``/``task_postrun``: task_id and refund_id bound to every log line
   the task writes, and task duration and result counted;
@@ -24,10 +24,10 @@ from typing import Any
 
 from celery import Celery, signals
 
-from shared import logging as service_logging
-from shared import metrics
-from shared.celery_app import PROCESS_REFUND_TASK, RECONCILE_TASK
-from shared.config import get_settings
+from shared.adapters import logging as service_logging
+from shared.adapters import metrics
+from shared.adapters.celery_app import PROCESS_REFUND_TASK, RECONCILE_TASK
+from shared.adapters.config import get_settings
 
 _started: dict[str, float] = {}
 _tokens: dict[str, Any] = {}

@@ -8,15 +8,15 @@ import psycopg
 from celery import Task
 from psycopg_pool import PoolTimeout
 
-from shared import processing, stripe_events
-from shared.celery_app import (
+from shared.adapters.celery_app import (
     APPLY_STRIPE_EVENT_TASK,
     PROCESS_REFUND_TASK,
     RECONCILE_TASK,
     get_celery,
 )
-from shared.reconcile import reconcile_once
-from shared.stripe_gateway import GATEWAY_ERRORS, get_gateway
+from shared.adapters.stripe_gateway import GATEWAY_ERRORS, get_gateway
+from shared.services import processing, stripe_events
+from shared.services.reconcile import reconcile_once
 
 app = get_celery()
 

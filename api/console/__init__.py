@@ -1,6 +1,6 @@
 """/console: the operators' refunds console (issue 7).
 
-Server-rendered pages over ``shared.console_queries``; no script at all, so the
+Server-rendered pages over ``shared.services.console_queries``; no script at all, so the
 Content-Security-Policy allows none. Sign-in turns a pasted bearer token into a
 signed session cookie (``api/console/session.py``); every POST checks a CSRF token.
 """
@@ -37,13 +37,13 @@ from api.console.session import (
     sign_in,
     sign_out,
 )
-from shared import console_queries as queries
-from shared.celery_app import PROCESS_REFUND_TASK
-from shared.config import get_settings
-from shared.db import unit_of_work
-from shared.errors import NotFound, RefundServiceError
-from shared.models import TERMINAL_STATUSES, RefundStatus
-from shared.refunds import InvalidCursor
+from shared.adapters.celery_app import PROCESS_REFUND_TASK
+from shared.adapters.config import get_settings
+from shared.adapters.db import unit_of_work
+from shared.domain.errors import NotFound, RefundServiceError
+from shared.domain.models import TERMINAL_STATUSES, RefundStatus
+from shared.services import console_queries as queries
+from shared.services.refunds import InvalidCursor
 
 bp = Blueprint(
     "console",

@@ -11,11 +11,11 @@ from flask import abort, flash, redirect, render_template, request, url_for
 from api.console import _error_page, bp
 from api.console.session import current_operator, login_required, safe_next
 from api.schemas import NOTE_MAX
-from shared import approvals
-from shared.celery_app import enqueue_refund
-from shared.config import get_settings
-from shared.db import unit_of_work
-from shared.errors import SelfApproval
+from shared.adapters.celery_app import enqueue_refund
+from shared.adapters.config import get_settings
+from shared.adapters.db import unit_of_work
+from shared.domain.errors import SelfApproval
+from shared.services import approvals
 
 QUEUE_LIMIT = 100
 DECISIONS = {"approve": approvals.approve, "reject": approvals.reject}

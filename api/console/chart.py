@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.console_queries import MinuteBucket
+from shared.services.console_queries import MinuteBucket
 
 WIDTH = 960
 HEIGHT = 220

@@ -18,7 +18,7 @@ from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
 
 from api.auth import authenticate
 from api.errors import ApiError
-from shared.config import Settings
+from shared.adapters.config import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 

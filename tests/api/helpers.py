@@ -12,7 +12,7 @@ from jsonschema import Draft202012Validator
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from shared.models import Refund
+from shared.domain.models import Refund
 
 REFUNDS = "/v1/admin/refunds"
 T = TypeVar("T")

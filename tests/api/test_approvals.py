@@ -21,8 +21,8 @@ import redis
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from shared.celery_app import REFUNDS_QUEUE
-from shared.models import Refund, RefundEvent, RefundStatus
+from shared.adapters.celery_app import REFUNDS_QUEUE
+from shared.domain.models import Refund, RefundEvent, RefundStatus
 from tests.api.helpers import REFUNDS, Contract, all_at_once, assert_error
 from tests.support import auth, seed_payment, table_counts, wait_for_http, web_process
 

@@ -22,8 +22,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import select
 
-from shared.config import DEV_JWT_SECRET
-from shared.models import Refund, RefundEvent
+from shared.adapters.config import DEV_JWT_SECRET
+from shared.domain.models import Refund, RefundEvent
 from tests.api.helpers import REFUNDS, assert_error
 from tests.support import auth, seed_payment, table_counts, wait_for_http, web_process
 
@@ -316,7 +316,7 @@ def test_tokens_the_jwks_server_must_refuse(jwks_api, keys, settings, case) -> N
 
 def test_a_remembered_token_still_expires(settings, monkeypatch) -> None:
     from api import auth as api_auth
-    from shared.tokens import issue_token
+    from shared.adapters.tokens import issue_token
 
     token = issue_token(settings, subject="ops@example.com", scopes=["refunds:read"],
                         ttl_seconds=60)
@@ -334,7 +334,7 @@ def test_a_remembered_token_still_expires(settings, monkeypatch) -> None:
 
 def test_a_remembered_token_is_checked_again_under_other_settings(settings) -> None:
     from api import auth as api_auth
-    from shared.tokens import issue_token
+    from shared.adapters.tokens import issue_token
 
     token = issue_token(settings, subject="ops@example.com", scopes=["refunds:read"],
                         ttl_seconds=60)

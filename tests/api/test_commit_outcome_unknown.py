@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.models import Refund
+from shared.domain.models import Refund
 from tests.support import auth, seed_payment, wait_for_http, web_process
 
 

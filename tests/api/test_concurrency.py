@@ -12,7 +12,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from shared.models import RELEASED_STATUSES, Refund
+from shared.domain.models import RELEASED_STATUSES, Refund
 from tests.api.helpers import REFUNDS, all_at_once
 from tests.support import auth, seed_payment, wait_for_http, web_process
 

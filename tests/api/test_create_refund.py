@@ -6,7 +6,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from shared.models import Refund, RefundEvent
+from shared.domain.models import Refund, RefundEvent
 from tests.api.helpers import REFUNDS as PATH
 from tests.api.helpers import assert_error
 from tests.support import auth, seed_payment, table_counts

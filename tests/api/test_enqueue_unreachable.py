@@ -17,12 +17,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared.celery_app import (
+from shared.adapters.celery_app import (
     ENQUEUE_CONNECT_TIMEOUT_SECONDS,
     ENQUEUE_RETRIES,
     ENQUEUE_SOCKET_TIMEOUT_SECONDS,
 )
-from shared.models import Refund
+from shared.domain.models import Refund
 from tests.support import auth, seed_payment, wait_for_http, web_process
 
 #: What a POST may take with the broker silent: every try's timeouts, plus a margin.

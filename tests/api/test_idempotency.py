@@ -8,7 +8,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from shared.models import IdempotencyRecord
+from shared.domain.models import IdempotencyRecord
 from tests.api.helpers import REFUNDS, all_at_once, assert_error, refund_count
 from tests.support import auth, seed_payment, table_counts
 

@@ -8,9 +8,9 @@ import json
 import httpx
 import pytest
 
-from shared.db import unit_of_work
-from shared.models import Refund, RefundStatus
-from shared.transitions import transition
+from shared.adapters.db import unit_of_work
+from shared.domain.models import Refund, RefundStatus
+from shared.services.transitions import transition
 from tests.api.helpers import REFUNDS, assert_error
 from tests.support import auth, seed_payment
 

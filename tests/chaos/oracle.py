@@ -29,7 +29,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from emulator.testing import Admin
-from shared.models import (
+from shared.domain.models import (
     RELEASED_STATUSES,
     TERMINAL_STATUSES,
     Charge,

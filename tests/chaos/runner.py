@@ -45,7 +45,7 @@ import jwt
 from sqlalchemy import Engine, create_engine, select
 from sqlalchemy.orm import Session
 
-from shared.models import TERMINAL_STATUSES, Charge, Payment, Refund, new_id
+from shared.domain.models import TERMINAL_STATUSES, Charge, Payment, Refund, new_id
 from tests.chaos.oracle import Verdict, settle, verify
 from tests.chaos.stack import Pipeline, PostgresCluster, running_pipeline
 from tests.chaos.traffic import Ledger, RefundClient

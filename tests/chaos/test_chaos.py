@@ -16,7 +16,7 @@ from dataclasses import replace
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from shared.models import Refund, RefundStatus, new_id
+from shared.domain.models import Refund, RefundStatus, new_id
 from tests.chaos.oracle import verify
 from tests.chaos.runner import FAULT_KINDS, Scenario, run
 from tests.chaos.stack import Pipeline

@@ -28,7 +28,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, select
 from sqlalchemy.orm import Session
 
-from shared.models import Charge, Payment, Refund
+from shared.domain.models import Charge, Payment, Refund
 from tests.chaos.oracle import settle, verify
 from tests.chaos.stack import Pipeline, PostgresCluster, running_pipeline
 from tests.chaos.traffic import Ledger, RefundClient

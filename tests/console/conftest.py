@@ -25,9 +25,9 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from emulator.testing import Admin, EmulatorProcess
-from shared.celery_app import REFUNDS_QUEUE
-from shared.config import Settings
-from shared.models import Charge, Payment, RefundEvent, new_id
+from shared.adapters.celery_app import REFUNDS_QUEUE
+from shared.adapters.config import Settings
+from shared.domain.models import Charge, Payment, RefundEvent, new_id
 from tests.conftest import RUN_ID, _admin_execute
 from tests.support import (
     create_database,

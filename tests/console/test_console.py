@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from shared.models import Refund
-from shared.refunds import RefundRequest, initiate_refund
+from shared.domain.models import Refund
+from shared.services.refunds import RefundRequest, initiate_refund
 from tests.console.conftest import (
     DOCS,
     FLOWER_URL,

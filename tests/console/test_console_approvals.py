@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from shared.models import Refund
+from shared.domain.models import Refund
 from tests.console.conftest import (
     DOCS,
     Stack,

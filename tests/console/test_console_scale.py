@@ -22,8 +22,8 @@ import pytest
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session
 
-from shared import approvals
-from shared import console_queries as queries
+from shared.services import approvals
+from shared.services import console_queries as queries
 from tests.conftest import DB_NAME, PG_ADMIN_URL, _admin_execute
 from tests.support import token, wait_for_http, web_process
 

@@ -9,7 +9,7 @@ import pytest
 
 from api.console import format as fmt
 from api.console.chart import per_minute_chart
-from shared.console_queries import MinuteBucket
+from shared.services.console_queries import MinuteBucket
 
 NOW = datetime(2026, 11, 26, 13, 40, 5, tzinfo=UTC)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from shared.procfile import procfile_lines
+from cli.procfile import procfile_lines
 from tests.support import ROOT
 
 APP_SERVICES = ("release", "web", "worker", "beat", "flower")
@@ -119,7 +119,7 @@ def test_each_app_container_runs_its_procfile_line(services: dict[str, Any]) -> 
     for name in APP_SERVICES:
         assert services[name]["command"] == [name]
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert 'ENTRYPOINT ["python", "-m", "shared.procfile"]' in dockerfile
+    assert 'ENTRYPOINT ["python", "-m", "cli.procfile"]' in dockerfile
 
 
 def test_release_runs_once_before_web_and_worker(services: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""`make run` (python -m shared.devstack): one line when Postgres or Redis is down; otherwise
+"""`make run` (python -m cli.devstack): one line when Postgres or Redis is down; otherwise
 a database created and migrated, the whole stack up, a curl that works as printed, and
 everything stopped by Ctrl-C."""
 
@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import PG_ADMIN_URL, _admin_execute
 from tests.support import BIN, ROOT, RedisServer, free_port
 
-DEVSTACK = [str(BIN / "python"), "-m", "shared.devstack"]
+DEVSTACK = [str(BIN / "python"), "-m", "cli.devstack"]
 
 
 def _ports() -> dict[str, str]:

@@ -8,8 +8,8 @@ import logging
 
 import pytest
 
-from shared import logging as service_logging
-from shared.logging import ContextFilter, RedactingJsonFormatter, log_context, redact
+from shared.adapters import logging as service_logging
+from shared.adapters.logging import ContextFilter, RedactingJsonFormatter, log_context, redact
 
 JWT = (
     "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJvcHNAZXhhbXBsZS5jb20ifQ."

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared.metrics import start_worker_metrics_server
+from shared.adapters.metrics import start_worker_metrics_server
 from tests.support import free_port, wait_for_http, web_process
 
 TOKEN = "metrics-token-for-the-tests-0123456789"

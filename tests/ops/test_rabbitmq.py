@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from emulator.testing import EmulatorProcess
-from shared.config import Settings
+from shared.adapters.config import Settings
 from tests.support import auth, wait_for_http, web_process, worker_process
 
 RABBIT = ("127.0.0.1", 5672)

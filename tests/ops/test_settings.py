@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from shared.procfile import procfile_lines
+from cli.procfile import procfile_lines
 from tests.support import BIN, ROOT, free_port
 
 STARTUP_TIMEOUT = 60
@@ -20,7 +20,7 @@ STARTUP_TIMEOUT = 60
 ENTRY_POINTS = {
     **{name: ["/bin/sh", "-c", command] for name, command in procfile_lines().items()},
     "cli": [str(BIN / "refunds"), "check-config"],
-    "devstack": [str(BIN / "python"), "-m", "shared.devstack"],
+    "devstack": [str(BIN / "python"), "-m", "cli.devstack"],
 }
 
 

@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from emulator.testing import EmulatorProcess
-from shared.config import Settings
+from shared.adapters.config import Settings
 from tests.support import BIN, ROOT, auth, free_port
 
 FLOWER_LOGIN = ("ops", "stack-flower-password-7")

@@ -12,7 +12,7 @@ import stripe
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.models import Charge, Payment, Refund
+from shared.domain.models import Charge, Payment, Refund
 from tests.payments.conftest import Stack
 from tests.support import BIN, ROOT, table_counts
 

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as given_settings
 from hypothesis import strategies as st
 
-from shared.stripe_events import HANDLERS
+from shared.services.stripe_events import HANDLERS
 from tests.payments.conftest import Stack
 from tests.payments.test_webhooks import deliver, event
 

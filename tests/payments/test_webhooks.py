@@ -17,8 +17,8 @@ import stripe
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.config import Settings
-from shared.models import Charge, Payment, Refund, StripeEvent
+from shared.adapters.config import Settings
+from shared.domain.models import Charge, Payment, Refund, StripeEvent
 from tests.payments.conftest import Stack
 from tests.support import BIN, ROOT, auth, table_counts
 

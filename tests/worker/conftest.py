@@ -28,10 +28,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from emulator.testing import Admin, EmulatorProcess
-from shared.celery_app import PROCESS_REFUND_TASK, REFUNDS_QUEUE
-from shared.models import Charge, Refund, RefundEvent, RefundStatus, new_id
-from shared.refunds import stripe_idempotency_key
-from shared.transitions import record_event
+from shared.adapters.celery_app import PROCESS_REFUND_TASK, REFUNDS_QUEUE
+from shared.domain.models import Charge, Refund, RefundEvent, RefundStatus, new_id
+from shared.services.refunds import stripe_idempotency_key
+from shared.services.transitions import record_event
 from tests.conftest import RUN_ID, _admin_execute
 from tests.support import (
     ServiceProcess,
@@ -166,11 +166,11 @@ def _fresh_faults(request: pytest.FixtureRequest) -> Iterator[None]:
 
 def _clear_caches() -> None:
     """Forget clients built from the previous settings (the engine: another database)."""
-    from shared.celery_app import get_celery
-    from shared.config import get_settings
-    from shared.db import _session_factory, get_engine, get_pool
-    from shared.rate_limit import get_limiter
-    from shared.stripe_gateway import get_gateway
+    from shared.adapters.celery_app import get_celery
+    from shared.adapters.config import get_settings
+    from shared.adapters.db import _session_factory, get_engine, get_pool
+    from shared.adapters.rate_limit import get_limiter
+    from shared.adapters.stripe_gateway import get_gateway
 
     if get_engine.cache_info().currsize:
         get_engine().dispose()

@@ -18,12 +18,12 @@ import httpx
 from sqlalchemy import func, update
 from sqlalchemy.orm import Session
 
-from shared.celery_app import enqueue_refund
-from shared.db import unit_of_work
-from shared.models import Charge, Refund, RefundStatus, new_id
-from shared.reconcile import reconcile_once, stuck_refund_ids
-from shared.refunds import stripe_idempotency_key
-from shared.transitions import record_event
+from shared.adapters.celery_app import enqueue_refund
+from shared.adapters.db import unit_of_work
+from shared.domain.models import Charge, Refund, RefundStatus, new_id
+from shared.services.reconcile import reconcile_once, stuck_refund_ids
+from shared.services.refunds import stripe_idempotency_key
+from shared.services.transitions import record_event
 from tests.api.helpers import all_at_once
 from tests.support import auth
 from tests.worker.conftest import (

@@ -14,11 +14,11 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from shared.celery_app import enqueue_refund
-from shared.config import get_settings
-from shared.processing import Outcome, process_refund
-from shared.rate_limit import RateLimited
-from shared.stripe_gateway import StripeGateway
+from shared.adapters.celery_app import enqueue_refund
+from shared.adapters.config import get_settings
+from shared.adapters.rate_limit import RateLimited
+from shared.adapters.stripe_gateway import StripeGateway
+from shared.services.processing import Outcome, process_refund
 from tests.worker.conftest import (
     Stack,
     initiate,

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import stripe
 
-from shared.celery_app import MAX_RETRY_COUNTDOWN_SECONDS
-from shared.config import Settings
-from shared.processing import retry_countdown
-from shared.rate_limit import RateLimited
-from shared.stripe_gateway import ErrorKind, UnexpectedAnswer, classify_error
+from shared.adapters.celery_app import MAX_RETRY_COUNTDOWN_SECONDS
+from shared.adapters.config import Settings
+from shared.adapters.rate_limit import RateLimited
+from shared.adapters.stripe_gateway import ErrorKind, UnexpectedAnswer, classify_error
+from shared.services.processing import retry_countdown
 
 T, D, A, K = ErrorKind.TRANSIENT, ErrorKind.DEFINITE, ErrorKind.AUTH, ErrorKind.KEY_CONFLICT
 

@@ -18,11 +18,11 @@ import time
 import redis
 from sqlalchemy.orm import Session
 
-from shared.celery_app import REFUNDS_QUEUE, enqueue_refund
-from shared.models import RefundStatus
-from shared.processing import Outcome, process_refund
-from shared.refunds import stripe_idempotency_key
-from shared.transitions import transition
+from shared.adapters.celery_app import REFUNDS_QUEUE, enqueue_refund
+from shared.domain.models import RefundStatus
+from shared.services.processing import Outcome, process_refund
+from shared.services.refunds import stripe_idempotency_key
+from shared.services.transitions import transition
 from tests.support import BIN, free_port
 from tests.worker.conftest import (
     FAST_SETTINGS,

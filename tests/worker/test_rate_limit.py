@@ -24,7 +24,7 @@ from tests.worker.conftest import (
 _HAMMER = """
 import json, sys, time
 import redis
-from shared.rate_limit import StripeRateLimiter
+from shared.adapters.rate_limit import StripeRateLimiter
 url, key, rate, count = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
 limiter = StripeRateLimiter(redis.Redis.from_url(url), rate=rate, key=key, max_wait=30)
 stamps = []

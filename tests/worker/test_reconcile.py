@@ -15,13 +15,13 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from emulator.webhooks import sign
-from shared.celery_app import enqueue_refund
-from shared.config import get_settings
-from shared.db import get_engine
-from shared.models import Refund, RefundEvent, RefundStatus
-from shared.processing import Outcome, process_refund
-from shared.reconcile import RECONCILE_LOCK, reconcile_once, stuck_counts
-from shared.stripe_gateway import StripeGateway
+from shared.adapters.celery_app import enqueue_refund
+from shared.adapters.config import get_settings
+from shared.adapters.db import get_engine
+from shared.adapters.stripe_gateway import StripeGateway
+from shared.domain.models import Refund, RefundEvent, RefundStatus
+from shared.services.processing import Outcome, process_refund
+from shared.services.reconcile import RECONCILE_LOCK, reconcile_once, stuck_counts
 from tests.support import BIN
 from tests.worker.conftest import (
     Stack,
@@ -126,7 +126,7 @@ def test_refunds_unfinished_past_the_alert_threshold_are_reported_at_error_level
         created_at=datetime.now(UTC) - alert - timedelta(minutes=5)))
     db.commit()
     try:
-        with caplog.at_level(logging.ERROR, logger="shared.reconcile"):
+        with caplog.at_level(logging.ERROR, logger="shared.services.reconcile"):
             summary = wait_for(lambda: (s := reconcile_once())["skipped"] is False and s,
                                timeout=10, what="a reconcile pass of our own")
 
@@ -148,7 +148,7 @@ def test_stripe_refusing_our_key_holds_the_refund_pending_until_the_key_works(
     refund_id = initiate(db, charge_id)
     bad_key = get_settings().model_copy(update={"stripe_api_key": "sk_live_revoked"})
 
-    with caplog.at_level(logging.ERROR, logger="shared.processing"):
+    with caplog.at_level(logging.ERROR, logger="shared.services.processing"):
         result = process_refund(refund_id, gateway=StripeGateway(bad_key))
 
     assert result.outcome is Outcome.HELD
@@ -182,7 +182,7 @@ def _console_overview(stack: Stack) -> str:
 def test_a_refund_pending_for_an_hour_is_stuck_in_the_gauge_console_and_alert_with_beat_running(
     stack: Stack, db: Session, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """One meaning of stuck (shared/stuck.py). Failed before: beat's re-enqueue touches
+    """One meaning of stuck (shared/domain/stuck.py). Failed before: beat's re-enqueue touches
     updated_at every STUCK_AFTER_SECONDS, and the gauge counted from updated_at, so it
     read 0 for this refund for as long as beat ran."""
     alert = timedelta(seconds=get_settings().stuck_alert_seconds)
@@ -209,7 +209,7 @@ def test_a_refund_pending_for_an_hour_is_stuck_in_the_gauge_console_and_alert_wi
     overview = _console_overview(stack)
     assert f"data-refund-id=\"{refund_id}\"" in overview
 
-    with caplog.at_level(logging.ERROR, logger="shared.reconcile"):
+    with caplog.at_level(logging.ERROR, logger="shared.services.reconcile"):
         summary = wait_for(lambda: (s := reconcile_once())["skipped"] is False and s,
                            timeout=10, what="a reconcile pass of our own")
     assert refund_id in summary["stuck_refund_ids"]
@@ -225,7 +225,7 @@ def test_a_pass_does_not_add_the_stuck_level_to_the_actions_counter() -> None:
     refunds_reconcile_actions_total{action="stuck"}, a counter of what passes did."""
     from prometheus_client import REGISTRY
 
-    from shared.metrics import observe_reconcile
+    from shared.adapters.metrics import observe_reconcile
 
     def value(action: str) -> float:
         return REGISTRY.get_sample_value(

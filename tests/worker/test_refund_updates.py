@@ -7,9 +7,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.models import Refund, RefundEvent, RefundStatus, new_id
-from shared.refund_updates import apply_stripe_refund
-from shared.refunds import stripe_idempotency_key
+from shared.domain.models import Refund, RefundEvent, RefundStatus, new_id
+from shared.services.refund_updates import apply_stripe_refund
+from shared.services.refunds import stripe_idempotency_key
 from tests.support import seed_payment
 
 

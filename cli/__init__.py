@@ -1,0 +1,1 @@
+"""The ``refunds`` console script: an entry point over ``shared``, like ``api`` and ``worker``."""

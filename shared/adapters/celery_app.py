@@ -1,0 +1,265 @@
+"""The one module that knows Celery: the app, its settings (SPEC 6) and ``enqueue_refund``.
+
+The API enqueues by task name, so it never imports the worker's code."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+from celery import Celery
+from kombu import Exchange, Queue, serialization
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from shared.adapters import metrics
+from shared.adapters.config import get_settings
+
+log = logging.getLogger(__name__)
+
+PROCESS_REFUND_TASK = "refunds.process"
+RECONCILE_TASK = "refunds.reconcile"
+APPLY_STRIPE_EVENT_TASK = "refunds.apply_stripe_event"
+REFUNDS_QUEUE = "refunds"
+#: Stripe events that need a call to Stripe to be applied (SPEC 3.3): a queue of their
+#: own, so a burst of events and a backlog of refunds never wait behind each other.
+STRIPE_EVENTS_QUEUE = "refunds.stripe_events"
+#: Reconcile passes have a queue of their own, so that one never waits behind a
+#: backlog of refunds (after an outage, exactly when it is needed). Every worker
+#: consumes both; kombu takes from them in turn.
+RECONCILE_QUEUE = "refunds.reconcile"
+
+#: Longest retry countdown a task may schedule; visibility timeout must exceed it.
+MAX_RETRY_COUNTDOWN_SECONDS = 300
+TASK_TIME_LIMIT_SECONDS = 120
+
+
+def make_celery() -> Celery:
+    settings = get_settings()
+    app = Celery("refunds", broker=settings.broker_url)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=REFUNDS_QUEUE,
+        # What task_create_missing_queues would make of each name: a direct exchange
+        # and a queue of that name.
+        task_queues=[
+            Queue(name, Exchange(name), routing_key=name)
+            for name in (REFUNDS_QUEUE, RECONCILE_QUEUE, STRIPE_EVENTS_QUEUE)
+        ],
+        task_routes={
+            RECONCILE_TASK: {"queue": RECONCILE_QUEUE},
+            APPLY_STRIPE_EVENT_TASK: {"queue": STRIPE_EVENTS_QUEUE},
+        },
+        task_soft_time_limit=TASK_TIME_LIMIT_SECONDS - 30,
+        task_time_limit=TASK_TIME_LIMIT_SECONDS,
+        # Workers send task events (received, started, succeeded...: what Flower shows);
+        # the API sends no "task-sent" event, which would double the cost of each enqueue
+        # (a second publish) and only tells Flower that a refund is queued, as the
+        # console and the refunds table do.
+        task_send_sent_event=False,
+        worker_send_task_events=True,
+        # Refund tasks wait on Stripe and Postgres, not the CPU: threads. Each task
+        # opens its own DB connection and the Stripe client keeps one HTTP session per
+        # thread, so nothing mutable is shared between them. (The threads pool cannot
+        # enforce the time limits above; the Stripe HTTP timeout and Postgres'
+        # statement_timeout bound every call instead.)
+        worker_pool="threads",
+        worker_concurrency=settings.worker_concurrency,
+        # If the broker connection drops, running late-ack tasks will be redelivered:
+        # stop them rather than finish them twice.
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            # Redis redelivers unacked messages after this; it must exceed the longest
+            # countdown and time limit or one task could run twice at once.
+            "visibility_timeout": 3 * (MAX_RETRY_COUNTDOWN_SECONDS + TASK_TIME_LIMIT_SECONDS),
+        },
+        beat_schedule={
+            "reconcile-stuck-refunds": {
+                "task": RECONCILE_TASK,
+                "schedule": settings.reconcile_interval_seconds,
+                "options": {"expires": settings.reconcile_interval_seconds},
+            }
+        },
+        timezone="UTC",
+        enable_utc=True,
+    )
+    return app
+
+
+@functools.cache
+def get_celery() -> Celery:
+    return make_celery()
+
+
+def enqueue_refund(refund_id: str) -> bool:
+    """Ask a worker to process a refund. Call only after the refund's row is committed.
+
+    A failure here loses nothing: the pending row is the outbox and the reconciler
+    enqueues it again, so the error is logged and reported, not raised.
+    """
+    return _enqueue(PROCESS_REFUND_TASK, REFUNDS_QUEUE, refund_id, refund_id=refund_id)
+
+
+def enqueue_stripe_event(event_id: str) -> bool:
+    """Ask a worker to apply a stored Stripe event. Call only after it is committed; a
+    failure loses nothing (the reconciler sends unapplied events again)."""
+    return _enqueue(
+        APPLY_STRIPE_EVENT_TASK, STRIPE_EVENTS_QUEUE, event_id, stripe_event_id=event_id
+    )
+
+
+def _enqueue(task: str, queue: str, object_id: str, **log_fields: str) -> bool:
+    app = get_celery()
+    try:
+        # The message Celery's ``send_task`` would send (same protocol, headers and
+        # routing: the default exchange delivers to the queue the key names), published
+        # without its machinery: ``send_task`` spent about 0.6 ms of CPU per call on a
+        # pooled producer, signals, a retry wrapper and a queue declaration, and kombu's
+        # Redis transport builds a new Redis client for every message (make bench).
+        message = app.amqp.as_task_v2(
+            str(uuid.uuid4()),
+            task,
+            args=[object_id],
+            # As send_task sends it: None leaves the task's setting (task_ignore_result) in
+            # force; as_task_v2's default, False, would have workers store every result.
+            ignore_result=None,
+        )
+        client = _redis_list_client()
+        if client is not None:
+            _push_to_redis_list(client, queue, message)
+        else:
+            _publisher(queue)(
+                message.body,
+                exchange="",
+                routing_key=queue,
+                serializer="json",
+                delivery_mode="persistent",
+                headers=message.headers,
+                **message.properties,
+            )
+    except Exception:
+        log.exception("enqueue failed; the reconciler will send it again", extra=log_fields)
+        return False
+    # Counted here: Celery's publish signals only fire for ``send_task``.
+    metrics.observe_task_published(task)
+    return True
+
+
+#: Bounds of one enqueue on Redis, pinned rather than left to redis-py's defaults (which
+#: have been "no timeout" and, lately, three retries with backoff): the API enqueues
+#: after its commit, inside the request, and a broker that accepts connections but never
+#: answers must not hold the answer: at most (retries + 1) x a timeout, 2 s here.
+ENQUEUE_SOCKET_TIMEOUT_SECONDS = 1.0
+ENQUEUE_CONNECT_TIMEOUT_SECONDS = 1.0
+ENQUEUE_RETRIES = 1
+
+
+@functools.cache
+def _redis_list_client() -> redis.Redis | None:
+    """A client for the broker when it is Redis with kombu's plain key layout, else None.
+
+    redis-py clients are thread-safe and reconnect after a fork or a lost connection
+    (retrying the command once; a repeated LPUSH is only a second delivery, which the
+    task ignores), so one per process serves every thread."""
+    app = get_celery()
+    options = app.conf.broker_transport_options or {}
+    url = app.conf.broker_url
+    if urlsplit(url).scheme not in ("redis", "rediss") or options.get("global_keyprefix"):
+        return None
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=ENQUEUE_SOCKET_TIMEOUT_SECONDS,
+        socket_connect_timeout=ENQUEUE_CONNECT_TIMEOUT_SECONDS,
+        retry=Retry(NoBackoff(), ENQUEUE_RETRIES),
+        # No health-check PING before a command: on a silent broker it waits out the
+        # socket timeout and retries on its own, doubling the bound above.
+        health_check_interval=0,
+    )
+
+
+def _push_to_redis_list(client: redis.Redis, queue: str, message: Any) -> None:
+    """What kombu's Redis transport does for a message to the default exchange: LPUSH
+    its envelope onto the list named after the queue (priority 0 has no suffix).
+    ``tests/test_enqueue.py`` checks the envelope against kombu's own."""
+    content_type, content_encoding, body = serialization.dumps(message.body, serializer="json")
+    envelope = {
+        "body": base64.b64encode(body.encode() if isinstance(body, str) else body).decode(),
+        "content-encoding": content_encoding,
+        "content-type": content_type,
+        "headers": message.headers,
+        "properties": {
+            **message.properties,
+            "delivery_mode": 2,  # persistent
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+    client.lpush(queue, json.dumps(envelope))
+
+
+_thread_local = threading.local()
+
+
+def _publisher(queue: str) -> Callable[..., Any]:
+    """For other brokers (RabbitMQ): this thread's ``Producer.publish``, wrapped once by
+    ``Connection.ensure``: on a lost broker connection it reconnects and publishes again
+    (twice at most).
+
+    Kombu producers and channels are not thread-safe, so each thread keeps its own for
+    as long as it lives (a gunicorn or worker thread: the life of the process)."""
+    publishers: dict[str, Callable[..., Any]] = _thread_local.__dict__.setdefault("publish", {})
+    publish = publishers.get(queue)
+    if publish is None:
+        app = get_celery()
+        connection = app.connection_for_write()
+        producer = connection.Producer()
+        # Declared once: a RabbitMQ queue must exist before the default exchange can
+        # deliver to it (the worker declares it too, but may not have started yet).
+        producer.maybe_declare(app.amqp.queues[queue])
+        publish = connection.ensure(
+            producer, producer.publish, max_retries=2, interval_start=0, interval_step=0.2
+        )
+        publishers[queue] = publish
+    return publish
+
+
+def _forget_producers() -> None:
+    # A forked child must not share its parent's broker connection.
+    global _thread_local
+    _thread_local = threading.local()
+
+
+os.register_at_fork(after_in_child=_forget_producers)
+
+
+def enqueue_reconcile() -> bool:
+    """Ask for a reconcile pass now (the console's "reconcile now" for an in-flight refund).
+
+    Passes are locked against each other, so an extra one is harmless; beat's next one
+    comes anyway, so a failure is logged and reported, not raised.
+    """
+    try:
+        get_celery().send_task(RECONCILE_TASK, retry=True, retry_policy={"max_retries": 2})
+    except Exception:
+        log.exception("enqueue of a reconcile pass failed")
+        return False
+    metrics.observe_task_published(RECONCILE_TASK)
+    return True

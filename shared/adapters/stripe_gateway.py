@@ -1,0 +1,299 @@
+"""The one adapter to Stripe. Real Stripe by default; the project's emulator when
+STRIPE_API_BASE points at it. Everything else talks to Stripe through this class.
+
+Every request first takes a token from the shared rate limiter (SPEC 6), and
+``classify_error`` is the one place that decides what a Stripe error means for a refund.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import stripe
+import urllib3
+
+from shared.adapters.config import Settings, get_settings
+from shared.adapters.metrics import observe_stripe_call, stripe_endpoint
+from shared.adapters.rate_limit import RateLimited, get_limiter
+
+# Stripe sends these as `reason`; any other text travels in metadata only.
+STRIPE_REFUND_REASONS = frozenset({"duplicate", "fraudulent", "requested_by_customer"})
+PAGE_SIZE = 100
+
+
+class ErrorKind(enum.StrEnum):
+    #: Outcome unknown or Stripe busy (network, timeout, 429, 408, 409, 5xx, an answer
+    #: that is not Stripe's): try again later, looking the refund up first.
+    TRANSIENT = "transient"
+    #: Stripe refused this request for good: a 4xx carrying a Stripe error body.
+    DEFINITE = "definite"
+    #: Our key is wrong or lacks a permission: retrying cannot help, a person must act.
+    AUTH = "auth"
+    #: The idempotency key was used with other parameters: a bug on our side, and a
+    #: refund may exist at Stripe, so it must not be failed either.
+    KEY_CONFLICT = "key_conflict"
+
+
+@dataclass(frozen=True)
+class StripeFailure:
+    kind: ErrorKind
+    code: str | None
+    message: str
+    http_status: int | None = None
+    retry_after: float | None = None
+
+    def describe(self) -> str:
+        """``code: message``, as stored in ``failure_reason`` / ``last_error``."""
+        return f"{self.code or self.http_status or self.kind}: {self.message}"[:500]
+
+
+class UnexpectedAnswer(stripe.APIError):
+    """A 2xx whose body is not the object asked for (a proxy's page, a cut-off body):
+    whether Stripe acted is unknown."""
+
+
+def classify_error(exc: Exception) -> StripeFailure:
+    """What a Stripe error (or our own rate limiter) means for the refund being sent.
+
+    "Definite" means Stripe said no (SPEC 6): only a 4xx that carries a Stripe error
+    body. Anything else, from something between us and Stripe or from a Stripe that did
+    not finish, leaves the outcome unknown."""
+    if isinstance(exc, RateLimited):
+        return StripeFailure(ErrorKind.TRANSIENT, "rate_limited", exc.user_message or "", None,
+                             exc.retry_after)
+    if not isinstance(exc, stripe.StripeError):
+        raise TypeError(f"not a Stripe error: {type(exc).__name__}")
+    status = exc.http_status
+    code = exc.code or _stripe_error_code(exc)
+    message = (exc.user_message or type(exc).__name__).strip()
+    if isinstance(exc, stripe.APIConnectionError) or status is None:
+        # The request may or may not have reached Stripe: unknown, never definite.
+        return StripeFailure(ErrorKind.TRANSIENT, code or "connection_error", message, status)
+    if status == 429 or isinstance(exc, stripe.RateLimitError):
+        return StripeFailure(ErrorKind.TRANSIENT, code or "rate_limit", message, status,
+                             _retry_after(exc))
+    if not 400 <= status < 500 or status in (408, 409) or not _has_stripe_error_body(exc):
+        # 5xx, a 2xx without the object, 408 (timed out), 409 (the same key in flight
+        # elsewhere, or Stripe's lock_timeout), or a 4xx from something in between.
+        return StripeFailure(ErrorKind.TRANSIENT, code or f"http_{status}", message, status)
+    if status in (401, 403):
+        return StripeFailure(ErrorKind.AUTH, code or "authentication_error", message, status)
+    if isinstance(exc, stripe.IdempotencyError):
+        return StripeFailure(ErrorKind.KEY_CONFLICT, code or "idempotency_error", message, status)
+    return StripeFailure(ErrorKind.DEFINITE, code or "invalid_request_error", message, status)
+
+
+def _stripe_error(exc: stripe.StripeError) -> dict[str, Any] | None:
+    """The ``error`` object of a Stripe error body, if the answer carried one."""
+    body = exc.json_body
+    error = body.get("error") if isinstance(body, dict) else None
+    return error if isinstance(error, dict) and isinstance(error.get("type"), str) else None
+
+
+def _has_stripe_error_body(exc: stripe.StripeError) -> bool:
+    return _stripe_error(exc) is not None
+
+
+def _stripe_error_code(exc: stripe.StripeError) -> str | None:
+    # The SDK leaves ``code`` empty on some classes (a 409's) though the body has one.
+    code = (_stripe_error(exc) or {}).get("code")
+    return code if isinstance(code, str) else None
+
+
+def _retry_after(exc: stripe.StripeError) -> float | None:
+    value = (exc.headers or {}).get("Retry-After") or (exc.headers or {}).get("retry-after")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+class StripeHttpClient(stripe.HTTPClient):
+    """The SDK's HTTP client on urllib3's connection pool, timing every request.
+
+    The SDK's default (requests) spent more CPU per call than the rest of a worker's
+    refund (make bench, BENCH_PROFILE=1): sessions, hooks, cookies and environment
+    merging that a fixed JSON API does not need. urllib3 is what requests runs on;
+    the pool keeps one keep-alive connection per worker thread. Proxies come from
+    ``HTTPS_PROXY`` as with requests; no redirect is followed and nothing is retried
+    here (retries are the worker's decision, SPEC 6)."""
+
+    name = "urllib3"
+
+    def __init__(self, *, timeout: float, max_connections: int = 64) -> None:
+        super().__init__()
+        self._timeout = urllib3.Timeout(connect=timeout, read=timeout)
+        options: dict[str, Any] = {
+            "maxsize": max_connections,
+            "block": False,
+            "retries": False,
+            "timeout": self._timeout,
+            "cert_reqs": "CERT_REQUIRED",
+            "ca_certs": stripe.ca_bundle_path,
+        }
+        proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+        self._pool = urllib3.ProxyManager(proxy, **options) if proxy else urllib3.PoolManager(
+            **options
+        )
+
+    def request(  # type: ignore[override]
+        self, method: str, url: str, headers: Any, post_data: Any = None, **_: Any
+    ) -> tuple[bytes, int, Any]:
+        start = time.perf_counter()
+        status: int | str = "error"
+        try:
+            response = self._pool.request(
+                method.upper(), url, body=post_data, headers=headers, redirect=False,
+                retries=False, timeout=self._timeout,
+            )
+            status = response.status
+            return response.data, response.status, response.headers
+        except urllib3.exceptions.HTTPError as exc:
+            # Timeouts, refused or dropped connections: the request may or may not have
+            # reached Stripe (classify_error: unknown outcome).
+            raise stripe.APIConnectionError(
+                f"Could not complete the request to Stripe ({type(exc).__name__}).",
+                should_retry=False,
+            ) from exc
+        finally:
+            observe_stripe_call(method=method, endpoint=stripe_endpoint(url), status=status,
+                                seconds=time.perf_counter() - start)
+
+    def request_stream(self, *args: Any, **kwargs: Any) -> Any:  # never used: no streams
+        raise NotImplementedError("StripeHttpClient does not stream")
+
+    def close(self) -> None:
+        self._pool.clear()
+
+
+#: Errors ``classify_error`` understands: what callers of this gateway catch.
+GATEWAY_ERRORS = (stripe.StripeError,)
+
+
+class StripeGateway:
+    def __init__(self, settings: Settings, *, throttle: Callable[[], None] | None = None) -> None:
+        #: Called before every request; by default the shared limiter.
+        self._throttle = throttle if throttle is not None else get_limiter().acquire
+        base = {"api": settings.stripe_api_base} if settings.stripe_api_base else None
+        self._client = stripe.StripeClient(
+            settings.stripe_api_key,
+            base_addresses=base,  # type: ignore[arg-type]
+            # Retries are the worker's decision (SPEC 6), never hidden in the SDK.
+            max_network_retries=0,
+            http_client=StripeHttpClient(timeout=settings.stripe_timeout_seconds),  # timed
+        )
+
+    # Refunds -----------------------------------------------------------------
+    #
+    # Refunds come back as plain dicts (Stripe's JSON): building the SDK's objects cost
+    # more CPU than the rest of a worker's refund (make bench, BENCH_PROFILE=1).
+
+    def create_refund(
+        self,
+        *,
+        refund_id: str,
+        idempotency_key: str,
+        amount: int,
+        charge_id: str | None,
+        payment_intent_id: str | None,
+        reason: str | None,
+    ) -> dict[str, Any]:
+        """Create the Stripe refund for our refund. The same arguments on every attempt."""
+        params: dict[str, Any] = {"amount": amount, "metadata": {"refund_id": refund_id}}
+        if charge_id is not None:
+            params["charge"] = charge_id
+        else:
+            params["payment_intent"] = payment_intent_id
+        if reason in STRIPE_REFUND_REASONS:
+            params["reason"] = reason
+        elif reason:
+            params["metadata"]["reason"] = reason[:500]
+        return self._refund("post", "/v1/refunds", idempotency_key=idempotency_key, **params)
+
+    def retrieve_refund(self, stripe_refund_id: str) -> dict[str, Any]:
+        return self._refund("get", f"/v1/refunds/{quote(stripe_refund_id, safe='')}")
+
+    def iter_refunds(
+        self, *, charge_id: str | None = None, payment_intent_id: str | None = None
+    ) -> Iterator[dict[str, Any]]:
+        filters: dict[str, Any] = {}
+        if charge_id is not None:
+            filters["charge"] = charge_id
+        elif payment_intent_id is not None:
+            filters["payment_intent"] = payment_intent_id
+        return self._plain_pages("/v1/refunds", None, **filters)
+
+    def find_refund(
+        self, *, refund_id: str, charge_id: str | None, payment_intent_id: str | None
+    ) -> dict[str, Any] | None:
+        """The Stripe refund whose ``metadata.refund_id`` is ours, if Stripe has one."""
+        for refund in self.iter_refunds(charge_id=charge_id, payment_intent_id=payment_intent_id):
+            if (refund.get("metadata") or {}).get("refund_id") == refund_id:
+                return refund
+        return None
+
+    def _refund(self, method: str, path: str, **params: Any) -> dict[str, Any]:
+        self._throttle()
+        response = self._client.raw_request(method, path, **params)
+        data = response.data
+        if not (isinstance(data, dict) and data.get("object") == "refund"
+                and isinstance(data.get("id"), str) and isinstance(data.get("status"), str)):
+            raise UnexpectedAnswer(
+                "Stripe's answer did not carry a refund.", http_status=response.code
+            )
+        return data
+
+    # Payments in -------------------------------------------------------------
+
+    def iter_payment_intents(
+        self, *, starting_after: str | None = None
+    ) -> Iterator[dict[str, Any]]:
+        return self._plain_pages("/v1/payment_intents", starting_after)
+
+    def iter_charges(self, *, starting_after: str | None = None) -> Iterator[dict[str, Any]]:
+        return self._plain_pages("/v1/charges", starting_after)
+
+    def iter_all_refunds(self, *, starting_after: str | None = None) -> Iterator[dict[str, Any]]:
+        return self._plain_pages("/v1/refunds", starting_after)
+
+    def _plain_pages(
+        self, path: str, starting_after: str | None, **filters: Any
+    ) -> Iterator[dict[str, Any]]:
+        """Every item of a list (after ``starting_after``) as a plain dict, for bulk reads.
+
+        Building the SDK's objects costs several times more CPU than the request itself
+        (20,000 charges: ~15 s against ~2 s), so these pages stay the parsed JSON."""
+        params: dict[str, Any] = {"limit": PAGE_SIZE, **filters}
+        if starting_after is not None:
+            params["starting_after"] = starting_after
+        while True:
+            self._throttle()
+            response = self._client.raw_request("get", path, **params)
+            page = response.data
+            if not (isinstance(page, dict) and isinstance(page.get("data"), list)):
+                raise UnexpectedAnswer("Stripe's answer did not carry a list.",
+                                       http_status=response.code)
+            yield from page["data"]
+            if not page.get("has_more") or not page["data"]:
+                return
+            params["starting_after"] = page["data"][-1]["id"]
+
+    def retrieve_charge(self, charge_id: str) -> stripe.Charge:
+        self._throttle()
+        return self._client.v1.charges.retrieve(charge_id)
+
+    def retrieve_payment_intent(self, payment_intent_id: str) -> stripe.PaymentIntent:
+        self._throttle()
+        return self._client.v1.payment_intents.retrieve(payment_intent_id)
+
+
+@functools.cache
+def get_gateway() -> StripeGateway:
+    return StripeGateway(get_settings())

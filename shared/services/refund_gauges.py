@@ -1,0 +1,157 @@
+"""Refund gauges read from Postgres at scrape time (``/metrics`` on the web).
+
+``RefundStateCollector``: refunds by status, the oldest open one, the stuck ones (one
+definition, ``shared.domain.stuck``), the ones held for a person. ``AwaitingApprovalCollector``:
+refunds awaiting approval (SPEC 12), kept apart: such a refund waits for a person, not
+for Stripe, so it belongs in neither ``refunds_open`` nor ``refunds_stuck`` (whose alerts
+are about the pipeline). Alert on its age instead, against APPROVAL_EXPIRES_SECONDS:
+approvals older than that are canceled by beat.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import text
+
+from shared.adapters.db import get_engine
+from shared.adapters.metrics import (
+    ALL_STATUSES,
+    OPEN_STATUSES,
+    RECENT_WINDOW_SECONDS,
+    SCRAPE_QUERY_TIMEOUT_MS,
+)
+from shared.domain.stuck import stuck_counts
+from shared.services.attention import needs_attention_counts
+
+log = logging.getLogger(__name__)
+
+
+def exposition(*, stuck_alert_seconds: float) -> bytes:
+    """The Prometheus text of the gauges read from Postgres."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RefundStateCollector(stuck_alert_seconds))
+    registry.register(AwaitingApprovalCollector())
+    return generate_latest(registry)
+
+
+_STATE_QUERY = """
+SELECT status,
+       count(*) AS n,
+       coalesce(extract(epoch FROM now() - min(created_at)), 0) AS oldest_age
+FROM refunds
+WHERE status IN ('pending', 'processing', 'requires_action')
+GROUP BY status
+"""
+_RECENT_QUERY = """
+SELECT status, count(*) FROM refunds
+WHERE status IN ('pending', 'processing', 'requires_action', 'succeeded', 'failed', 'canceled')
+  AND updated_at >= now() - make_interval(secs => :window)
+GROUP BY status
+"""
+
+
+class RefundStateCollector(Collector):
+    """Refund gauges read from Postgres at scrape time.
+
+    Both queries use the (status, updated_at) index: the first reads only the
+    non-terminal rows (few, unless something is stuck), the second a 24 h range.
+    """
+
+    def __init__(self, stuck_alert_seconds: float) -> None:
+        self.stuck_alert_seconds = stuck_alert_seconds
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily(
+            "refunds_db_metrics_up", "1 if the refund gauges below could be read from Postgres."
+        )
+        open_ = GaugeMetricFamily(
+            "refunds_open", "Refunds not yet in a terminal status, by status.", labels=["status"]
+        )
+        oldest = GaugeMetricFamily(
+            "refunds_oldest_open_age_seconds",
+            "Age (since creation) of the oldest refund in each non-terminal status; 0 when none.",
+            labels=["status"],
+        )
+        stuck = GaugeMetricFamily(
+            "refunds_stuck",
+            "Open refunds without progress at Stripe (no status change) for longer than "
+            "STUCK_ALERT_SECONDS, by status (shared/domain/stuck.py).",
+            labels=["status"],
+        )
+        attention = GaugeMetricFamily(
+            "refunds_needs_attention",
+            "Open refunds held for a person: Stripe refused our credentials MAX_ATTEMPTS times; "
+            "not retried until someone asks (shared/services/attention.py).",
+        )
+        recent = GaugeMetricFamily(
+            "refunds_updated_last_24h",
+            "Refunds whose status changed in the last 24 hours, by status.",
+            labels=["status"],
+        )
+        start = time.perf_counter()
+        try:
+            with get_engine().connect() as conn:
+                conn.execute(text(f"SET LOCAL statement_timeout = {SCRAPE_QUERY_TIMEOUT_MS}"))
+                rows = {r.status: r for r in conn.execute(text(_STATE_QUERY))}
+                stuck_rows = stuck_counts(conn, threshold_seconds=self.stuck_alert_seconds)
+                held = sum(needs_attention_counts(conn).values())
+                recent_rows = dict(
+                    conn.execute(text(_RECENT_QUERY), {"window": RECENT_WINDOW_SECONDS}).all()
+                )
+                conn.rollback()
+        except Exception as exc:
+            log.warning("refund metrics unavailable: %s", type(exc).__name__)
+            up.add_metric([], 0)
+            yield up
+            return
+        for status in OPEN_STATUSES:
+            row = rows.get(status)
+            open_.add_metric([status], row.n if row else 0)
+            oldest.add_metric([status], float(row.oldest_age) if row else 0.0)
+            stuck.add_metric([status], stuck_rows.get(status, 0))
+        for status in ALL_STATUSES:
+            recent.add_metric([status], recent_rows.get(status, 0))
+        attention.add_metric([], held)
+        up.add_metric([], 1)
+        scrape = GaugeMetricFamily(
+            "refunds_db_metrics_seconds", "Time the refund gauges' queries took."
+        )
+        scrape.add_metric([], time.perf_counter() - start)
+        yield from (up, open_, oldest, stuck, attention, recent, scrape)
+
+
+# Served by the (status, updated_at) index: only the refunds awaiting approval are read.
+_APPROVAL_QUERY = """
+SELECT count(*) AS n, coalesce(extract(epoch FROM now() - min(created_at)), 0) AS oldest_age
+FROM refunds WHERE status = 'awaiting_approval'
+"""
+
+
+class AwaitingApprovalCollector(Collector):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        waiting = GaugeMetricFamily(
+            "refunds_awaiting_approval", "Refunds awaiting a second person's approval."
+        )
+        oldest = GaugeMetricFamily(
+            "refunds_oldest_awaiting_approval_age_seconds",
+            "Age (since it was requested) of the oldest refund awaiting approval; 0 when none.",
+        )
+        try:
+            with get_engine().connect() as conn:
+                conn.execute(text(f"SET LOCAL statement_timeout = {SCRAPE_QUERY_TIMEOUT_MS}"))
+                row = conn.execute(text(_APPROVAL_QUERY)).one()
+                conn.rollback()
+        except Exception as exc:
+            # refunds_db_metrics_up, from the refund gauges' own query, says the database
+            # cannot be read; these two are left out rather than reported as zero.
+            log.warning("approval metrics unavailable: %s", type(exc).__name__)
+            return
+        waiting.add_metric([], row.n)
+        oldest.add_metric([], float(row.oldest_age))
+        yield from (waiting, oldest)
