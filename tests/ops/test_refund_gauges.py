@@ -11,7 +11,7 @@ import httpx
 import pytest
 from sqlalchemy import Engine, create_engine, text
 
-from shared.adapters.metrics import _RECENT_QUERY, _STATE_QUERY
+from shared.services.refund_gauges import _RECENT_QUERY, _STATE_QUERY
 from tests.support import wait_for_http, web_process
 
 HOUR = 3600
