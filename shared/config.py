@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import sys
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_JWT_SECRET = "dev-only-insecure-jwt-secret-change-me"  # noqa: S105 - the documented local default
@@ -63,6 +63,38 @@ class Settings(BaseSettings):
     console_secret_key: str = DEV_CONSOLE_SECRET
     console_cookie_secure: bool = False  # set true wherever the console is served over HTTPS
     flower_url: str | None = None  # where operators open Flower, for links to tasks
+
+    # Refund events out (SPEC 13): signed webhooks to subscribers' endpoints.
+    refunds_admin_scope: str = "refunds:admin"
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    # Seconds to wait before each retry; after the last one a delivery is failed.
+    webhook_retry_schedule: str = "5,300,1800,7200,18000,36000,36000"
+    webhook_disable_after_seconds: float = Field(default=5 * 86400.0, gt=0)
+    # How often workers look for due retries and events not yet fanned out (besides
+    # the NOTIFY each status change sends).
+    webhook_dispatch_interval_seconds: float = Field(default=1.0, gt=0, le=60)
+    app_env: str = "development"
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _retry_schedule(cls, value: str) -> str:
+        try:
+            delays = [float(part) for part in value.split(",")]
+        except ValueError:
+            raise ValueError("must be comma-separated seconds, e.g. 5,300,1800") from None
+        if not all(0 < delay <= 7 * 86400 for delay in delays):
+            raise ValueError("each delay must be more than 0 and at most 604800 seconds")
+        return value
+
+    @property
+    def webhook_retry_delays(self) -> tuple[float, ...]:
+        return tuple(float(part) for part in self.webhook_retry_schedule.split(","))
+
+    @property
+    def is_production(self) -> bool:
+        """SPEC 8: APP_ENV=production, or a live Stripe key."""
+        live_key = self.stripe_api_key.startswith(("sk_live_", "rk_live_"))
+        return self.app_env.strip().lower() == "production" or live_key
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -29,6 +29,7 @@ from shared.models import TERMINAL_STATUSES, Payment, Refund, RefundStatus
 from shared.rate_limit import RateLimited
 from shared.refund_updates import apply_stripe_refund
 from shared.stripe_gateway import GATEWAY_ERRORS, StripeGateway, classify_error, get_gateway
+from shared.webhook_delivery import dispatch_in_reconcile
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ def reconcile_once(
             return {"skipped": True}
         requeued = _requeue_stuck_pending(enqueue)
         polled, moved, errors = _poll_in_flight(gateway)
+        webhooks_enqueued = dispatch_in_reconcile()  # refund events out (SPEC 13)
         with unit_of_work() as session:
             stuck = stuck_counts(session)
             stuck_ids = stuck_refund_ids(session, limit=STUCK_IDS_REPORTED)
@@ -70,6 +72,7 @@ def reconcile_once(
         "polled": polled,
         "moved": moved,
         "poll_errors": errors,
+        "webhooks_enqueued": webhooks_enqueued,
         "stuck": total_stuck,
         "stuck_by_status": stuck,
         "stuck_refund_ids": stuck_ids,
