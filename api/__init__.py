@@ -44,9 +44,10 @@ def create_app() -> Flask:
         response.headers["X-Request-Id"] = g.get("request_id", "")
         return response
 
-    from api import console, health, metrics, openapi, refunds, webhooks
+    from api import console, health, metrics, openapi, refunds, webhook_endpoints, webhooks
 
-    for blueprint in (refunds.bp, webhooks.bp, health.bp, metrics.bp, openapi.bp, console.bp):
+    for blueprint in (refunds.bp, webhooks.bp, health.bp, metrics.bp, openapi.bp, console.bp,
+                      webhook_endpoints.bp):
         app.register_blueprint(blueprint)
     register_error_handlers(app)
     return app
