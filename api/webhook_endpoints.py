@@ -82,6 +82,13 @@ class EndpointCreate(BaseModel):
     events: EventList | None = None
     description: Description | None = None
 
+    @field_validator("events", mode="before")
+    @classmethod
+    def _not_null(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("must not be null; leave the field out for every event type")
+        return value
+
     _check_url = field_validator("url")(_url)
     _check_events = field_validator("events")(_events)
 
