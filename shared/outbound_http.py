@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import ipaddress
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from shared.outbound_events import RESPONSE_BODY_MAX, forbidden_address
@@ -107,9 +111,29 @@ def _post(
             sock.close()
 
 
+#: Name lookups run here, so that one the resolver never answers costs an attempt its
+#: timeout, not a worker thread for as long as the resolver takes.
+_resolvers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="webhook-dns")
+
+
+def _resolve(host: str, port: int, *, deadline: float) -> list[Any]:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        pass
+    else:  # an address: nothing to look up
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    lookup = _resolvers.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    try:
+        return lookup.result(timeout=max(0.0, deadline - time.monotonic()))
+    except FutureTimeout:
+        lookup.cancel()
+        raise TimeoutError(f"no address for {host} in time") from None
+
+
 def _connect(host: str, port: int, *, deadline: float) -> socket.socket:
     """A TCP connection to the first address of ``host`` that may be used."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    infos = _resolve(host, port, deadline=deadline)
     addresses = [info for info in infos if not forbidden_address(str(info[4][0]))]
     if infos and not addresses:
         raise RefusedAddress(

@@ -18,10 +18,12 @@ import redis
 from kombu import Connection
 
 from shared.celery_app import (
+    DELIVER_WEBHOOK_TASK,
     PROCESS_REFUND_TASK,
     RECONCILE_QUEUE,
     RECONCILE_TASK,
     REFUNDS_QUEUE,
+    WEBHOOKS_QUEUE,
     _push_to_redis_list,
     _redis_list_client,
     enqueue_refund,
@@ -105,4 +107,6 @@ def test_reconcile_passes_have_a_queue_of_their_own_that_every_worker_reads() ->
     assert app.amqp.router.route({}, RECONCILE_TASK)["queue"].name == RECONCILE_QUEUE
     assert app.amqp.router.route({}, PROCESS_REFUND_TASK)["queue"].name == REFUNDS_QUEUE
     # A worker started without -Q consumes every queue in task_queues.
-    assert {q.name for q in app.conf.task_queues} == {REFUNDS_QUEUE, RECONCILE_QUEUE}
+    assert {q.name for q in app.conf.task_queues} == {
+        REFUNDS_QUEUE, RECONCILE_QUEUE, WEBHOOKS_QUEUE}
+    assert app.amqp.router.route({}, DELIVER_WEBHOOK_TASK)["queue"].name == WEBHOOKS_QUEUE

@@ -53,11 +53,21 @@ OPERATIONS = {
     "POST /v1/admin/refunds", "GET /v1/admin/refunds", "GET /v1/admin/refunds/{refund_id}",
     "POST /v1/webhooks/stripe", "GET /healthz", "GET /readyz", "GET /metrics",
     "GET /openapi.json",
+    # SPEC 13: refund events out
+    "POST /v1/admin/webhook-endpoints", "GET /v1/admin/webhook-endpoints",
+    "GET /v1/admin/webhook-endpoints/{endpoint_id}",
+    "PATCH /v1/admin/webhook-endpoints/{endpoint_id}",
+    "DELETE /v1/admin/webhook-endpoints/{endpoint_id}",
+    "GET /v1/admin/webhook-endpoints/{endpoint_id}/deliveries",
+    "POST /v1/admin/webhook-deliveries/{delivery_id}/retry",
 }
 #: Operations a request can break the schema of (a body, a bounded parameter, a token);
 #: the others take nothing but free-form string headers.
 BREAKABLE = OPERATIONS - {"GET /healthz", "GET /readyz", "GET /metrics", "GET /openapi.json"}
 REFUNDS = "/v1/admin/refunds"
+WEBHOOK_ENDPOINTS = "/v1/admin/webhook-endpoints"
+#: The token every fuzzed request carries: every scope an operation may need.
+SCOPES = ("refunds:read", "refunds:write", "refunds:admin")
 
 
 @schemathesis.check
@@ -87,7 +97,14 @@ def schema_valid_requests_pass_validation(
     body = json.loads(response.content)
     if body["error"] != "validation_error":
         return True  # a business rule (amount_exceeds_refundable, idempotency_key_reused)
-    assert case.path == REFUNDS and case.method == "GET" and body["message"].startswith(
+    if case.path.startswith(WEBHOOK_ENDPOINTS) and case.method in ("POST", "PATCH"):
+        # Where a URL points (https in production, never link-local or metadata
+        # addresses) is checked beyond what a schema can say.
+        assert body["message"].startswith("url:"), f"schema-valid request refused: {body}"
+        return True
+    lists = (case.path == REFUNDS
+             or case.path == f"{WEBHOOK_ENDPOINTS}/{{endpoint_id}}/deliveries")
+    assert lists and case.method == "GET" and body["message"].startswith(
         "cursor:"), f"schema-valid request refused: {body['message']}"
     return True
 
@@ -171,7 +188,7 @@ def test_operation_keeps_its_contract(
     checks = [_check(name) for name in BUILT_IN] + [errors_are_json_error_bodies]
     if mode is GenerationMode.POSITIVE:
         checks.append(schema_valid_requests_pass_validation)
-    headers = auth(settings)
+    headers = auth(settings, scopes=SCOPES)
     real = mode is GenerationMode.POSITIVE
     cases = st.builds(
         with_real_ids,
