@@ -249,6 +249,12 @@ class WebhookDelivery(Base):
             "next_attempt_at",
             postgresql_where=text("status = 'pending'"),
         ),
+        # The console's "failing deliveries": newest failed attempt first.
+        Index(
+            "ix_webhook_deliveries_failing",
+            "last_attempt_at",
+            postgresql_where=text("status <> 'delivered' AND last_error IS NOT NULL"),
+        ),
     )
 
 

@@ -84,6 +84,8 @@ def _post(
     watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), _shut, args=(sock,))
     watchdog.daemon = True
     watchdog.start()
+    connection: http.client.HTTPConnection | None = None
+    response: http.client.HTTPResponse | None = None
     try:
         if secure:
             sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
@@ -103,12 +105,15 @@ def _post(
             error = f"redirect to {location!r} not followed"
         elif not 200 <= response.status < 300:
             error = f"HTTP {response.status}"
-        connection.close()
         return response.status, text, error
     finally:
         watchdog.cancel()
-        with contextlib.suppress(OSError):
-            sock.close()
+        # The answer holds its own reference to the socket: close both, or the
+        # connection stays open until the garbage collector finds it.
+        for closable in (response, connection, sock):
+            if closable is not None:
+                with contextlib.suppress(OSError):
+                    closable.close()
 
 
 #: Name lookups run here, so that one the resolver never answers costs an attempt its

@@ -494,6 +494,40 @@ def _note_failure(session: Session, endpoint_id: str, settings: Settings) -> Non
                   extra={"endpoint_id": endpoint_id})
 
 
+# -- the console ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConsoleOverview:
+    now: datetime
+    endpoints: list[Any]
+    failing: list[Any]
+
+
+def console_overview(*, session: Session, failing_limit: int) -> ConsoleOverview:
+    """Every endpoint with its backlog, and the deliveries whose last attempt failed."""
+    now = session.scalar(select(func.now()))
+    endpoints = session.execute(text("""
+        SELECT e.id, e.url, e.description, e.events, e.enabled, e.disabled_reason,
+               e.failing_since,
+               count(d.id) FILTER (WHERE d.status = 'pending') AS pending,
+               count(d.id) FILTER (WHERE d.status = 'failed') AS failed,
+               min(o.occurred_at) FILTER (WHERE d.status = 'pending') AS oldest_pending
+        FROM webhook_endpoints e
+        LEFT JOIN webhook_deliveries d ON d.endpoint_id = e.id AND d.status <> 'delivered'
+        LEFT JOIN webhook_outbox o ON o.id = d.event_id
+        GROUP BY e.id ORDER BY e.created_at DESC, e.id
+    """)).all()
+    failing = session.execute(text("""
+        SELECT d.id, d.endpoint_id, d.event_id, o.type AS event_type, o.refund_id, d.status,
+               d.attempts, d.last_attempt_at, d.last_error, d.next_attempt_at
+        FROM webhook_deliveries d JOIN webhook_outbox o ON o.id = d.event_id
+        WHERE d.status <> 'delivered' AND d.last_error IS NOT NULL
+        ORDER BY d.last_attempt_at DESC LIMIT :limit
+    """), {"limit": failing_limit}).all()
+    return ConsoleOverview(now=now, endpoints=list(endpoints), failing=list(failing))
+
+
 # -- delivery log and replay ---------------------------------------------------------
 
 

@@ -288,3 +288,6 @@ def reconcile(refund_id: str) -> Any:
             "ok",
         )
     return redirect(url_for(".refund", refund_id=refund_id), code=303)
+
+
+from api.console import webhooks as _webhooks  # noqa: E402,F401 - its pages, on ``bp``

@@ -33,6 +33,7 @@ CSRF_FIELD = "csrf_token"
 class Operator:
     subject: str
     can_write: bool
+    can_admin: bool = False  # REFUNDS_ADMIN_SCOPE: may send webhook deliveries again
 
 
 class LoginRefused(Exception):
@@ -91,6 +92,7 @@ def sign_in(raw_token: str, settings: Settings) -> Operator:
     session.permanent = True
     session["sub"] = operator.subject
     session["write"] = operator.can_write
+    session["admin"] = settings.refunds_admin_scope in caller.scopes
     session["exp"] = min(token_exp, int(time.time() + MAX_SESSION.total_seconds()))
     session[CSRF_FIELD] = secrets.token_urlsafe(32)
     return operator
@@ -105,7 +107,8 @@ def current_operator() -> Operator | None:
     exp = session.get("exp")
     if not isinstance(subject, str) or not isinstance(exp, int) or exp <= time.time():
         return None
-    return Operator(subject=subject, can_write=bool(session.get("write")))
+    return Operator(subject=subject, can_write=bool(session.get("write")),
+                    can_admin=bool(session.get("admin")))
 
 
 def csrf_token() -> str:

@@ -174,6 +174,13 @@ def upgrade() -> None:
         postgresql_where=sa.text("status = 'pending'"),
     )
     op.create_index(
+        "ix_webhook_deliveries_failing",
+        "webhook_deliveries",
+        ["last_attempt_at"],
+        unique=False,
+        postgresql_where=sa.text("status <> 'delivered' AND last_error IS NOT NULL"),
+    )
+    op.create_index(
         "ix_webhook_deliveries_endpoint_created",
         "webhook_deliveries",
         ["endpoint_id", "created_at", "id"],
@@ -217,6 +224,7 @@ def downgrade() -> None:
     )
     op.drop_table("webhook_delivery_attempts")
     op.drop_index(op.f("ix_webhook_deliveries_event_id"), table_name="webhook_deliveries")
+    op.drop_index("ix_webhook_deliveries_failing", table_name="webhook_deliveries")
     op.drop_index("ix_webhook_deliveries_endpoint_created", table_name="webhook_deliveries")
     op.drop_index(
         "ix_webhook_deliveries_due",
