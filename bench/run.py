@@ -37,6 +37,7 @@ from typing import Any
 import psycopg
 import redis
 
+from bench import events
 from bench.baseline import ACTOR as BASELINE_ACTOR
 from bench.loadgen import latency_summary
 from bench.stack import (
@@ -674,6 +675,7 @@ class Bench:
         self.baseline(shares["baseline"])
         self.zero_latency_drain()
         self.end_to_end(shares["e2e"])
+        events.run(self)  # refund events out: bench/events.py
         self.stripe_shaped()
         self.hot_spot()
         self.summarize()
