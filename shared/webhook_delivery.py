@@ -39,7 +39,7 @@ from standardwebhooks import Webhook
 
 from shared import outbound_http
 from shared.config import Settings, get_settings
-from shared.db import unit_of_work
+from shared.db import driver_cursor, unit_of_work
 from shared.errors import NotFound, RefundServiceError
 from shared.models import (
     WebhookDelivery,
@@ -267,32 +267,67 @@ def dispatch_in_reconcile() -> int:
 
 
 # -- one delivery ----------------------------------------------------------------------
+# Plain SQL on the session's psycopg connection (``driver_cursor``): a delivery to a fast
+# endpoint is a few statements and one HTTP request, and the ORM's per-statement cost was
+# most of its CPU (bench/events.py). One transaction claims a delivery and reads its
+# event; one records the attempt and, after a success, claims the endpoint's next one.
 
-_CLAIM = """
-UPDATE webhook_deliveries d
-SET attempting_until = now() + make_interval(secs => :hold), scheduled_until = NULL
-FROM webhook_endpoints e
-WHERE d.id = :id AND e.id = d.endpoint_id AND e.enabled AND d.status = 'pending'
-  AND d.next_attempt_at <= now()
-  AND (d.attempting_until IS NULL OR d.attempting_until <= now())
-RETURNING d.id, d.endpoint_id, d.event_id, d.schedule_step, d.resend_requested_by,
-          e.url, e.secret
+_CLAIMED = """
+    d.id, d.endpoint_id, d.event_id, d.schedule_step, d.resend_requested_by,
+    e.url, e.secret, e.failing_since, o.type, o.sequence, o.previous_status, o.refund,
+    o.occurred_at
 """
 
-# The endpoint's next due delivery, claimed by the task that just delivered one.
-_CLAIM_NEXT = """
+_CLAIM = f"""
 UPDATE webhook_deliveries d
-SET attempting_until = now() + make_interval(secs => :hold), scheduled_until = NULL
-FROM webhook_endpoints e
-WHERE e.id = d.endpoint_id AND e.enabled AND d.id = (
-    SELECT id FROM webhook_deliveries
-    WHERE endpoint_id = :endpoint_id AND status = 'pending' AND next_attempt_at <= now()
-      AND (scheduled_until IS NULL OR scheduled_until <= now())
-      AND (attempting_until IS NULL OR attempting_until <= now())
-    ORDER BY next_attempt_at, id LIMIT 1 FOR UPDATE SKIP LOCKED
+SET attempting_until = now() + make_interval(secs => %(hold)s), scheduled_until = NULL
+FROM webhook_endpoints e, webhook_outbox o
+WHERE d.id = %(id)s AND e.id = d.endpoint_id AND o.id = d.event_id AND e.enabled
+  AND d.status = 'pending' AND d.next_attempt_at <= now()
+  AND (d.attempting_until IS NULL OR d.attempting_until <= now())
+RETURNING {_CLAIMED}
+"""  # noqa: S608 - built from constants only
+
+# The endpoint's next due delivery: claimed by the task that just delivered one, or
+# (``lease``) handed to the queue when the task has gone on long enough.
+_NEXT_DUE = """
+SELECT id FROM webhook_deliveries
+WHERE endpoint_id = %(endpoint_id)s AND status = 'pending' AND next_attempt_at <= now()
+  AND (scheduled_until IS NULL OR scheduled_until <= now())
+  AND (attempting_until IS NULL OR attempting_until <= now())
+ORDER BY next_attempt_at, id LIMIT 1 FOR UPDATE SKIP LOCKED
+"""
+_CLAIM_NEXT = f"""
+UPDATE webhook_deliveries d
+SET attempting_until = now() + make_interval(secs => %(hold)s), scheduled_until = NULL
+FROM webhook_endpoints e, webhook_outbox o
+WHERE e.id = d.endpoint_id AND o.id = d.event_id AND e.enabled AND d.id = ({_NEXT_DUE})
+RETURNING {_CLAIMED}
+"""  # noqa: S608 - built from constants only
+_LEASE_NEXT = f"""
+UPDATE webhook_deliveries SET scheduled_until = now() + make_interval(secs => %(lease)s)
+WHERE id = ({_NEXT_DUE})
+RETURNING id
+"""  # noqa: S608 - built from constants only
+
+_RECORD = """
+WITH attempt AS (
+    INSERT INTO webhook_delivery_attempts (delivery_id, attempted_at, duration_ms,
+                                           status_code, error, response_body, requested_by)
+    VALUES (%(id)s, %(attempted_at)s, %(duration_ms)s, %(status_code)s, %(error)s,
+            %(response_body)s, %(requested_by)s)
 )
-RETURNING d.id, d.endpoint_id, d.event_id, d.schedule_step, d.resend_requested_by,
-          e.url, e.secret
+UPDATE webhook_deliveries SET
+    status = %(status)s::text,
+    attempts = attempts + 1,
+    schedule_step = %(step)s,
+    next_attempt_at = CASE WHEN %(status)s::text = 'pending'
+        THEN now() + make_interval(secs => %(delay)s) END,
+    delivered_at = CASE WHEN %(status)s::text = 'delivered' THEN now() ELSE delivered_at END,
+    attempting_until = NULL, scheduled_until = NULL, resend_requested_by = NULL,
+    last_attempt_at = %(attempted_at)s, last_status_code = %(status_code)s,
+    last_error = %(error)s, updated_at = now()
+WHERE id = %(id)s
 """
 
 
@@ -305,6 +340,19 @@ class Claimed:
     resend_requested_by: str | None
     url: str
     secret: str
+    failing_since: datetime | None
+    type: str
+    sequence: int
+    previous_status: str | None
+    refund: dict[str, Any]
+    occurred_at: datetime
+
+    def body(self) -> str:
+        return event_body(
+            event_id=self.event_id, event_type=self.type, occurred_at=self.occurred_at,
+            refund_row=self.refund, previous_status=self.previous_status,
+            sequence=self.sequence,
+        )
 
 
 @dataclass(frozen=True)
@@ -324,149 +372,81 @@ def deliver(
     observe: Callable[[Outcome], None] | None = None,
 ) -> list[Outcome]:
     """Attempt one delivery now; after a success, go on with the same endpoint's next due
-    ones for up to ``CHAIN_SECONDS``. Returns what each attempt did."""
+    ones for up to ``CHAIN_SECONDS``, then hand the next one to the queue. Returns what
+    each attempt did."""
     from shared.celery_app import enqueue_webhook_delivery
 
     enqueue = enqueue or enqueue_webhook_delivery
     settings = get_settings()
     hold = settings.webhook_timeout_seconds + 15
-    claimed = _claim(text(_CLAIM), {"id": delivery_id, "hold": hold})
-    if claimed is None:
+    with unit_of_work() as session:
+        row = driver_cursor(session).execute(_CLAIM, {"id": delivery_id, "hold": hold}).fetchone()
+        session.commit()  # the connection goes back to the pool before the HTTP call
+    if row is None:
         return [Outcome(delivery_id, "skipped")]
+    claimed: Claimed | None = Claimed(**row._asdict())
     outcomes: list[Outcome] = []
     started = time.monotonic()
     while claimed is not None:
-        result = _attempt(claimed, settings=settings, post=post)
+        body = claimed.body()
+        attempted_at = datetime.now(UTC)
+        headers = signed_request(secret=claimed.secret, event_id=claimed.event_id, body=body,
+                                 now=attempted_at)
+        answer = post(claimed.url, body.encode(), headers,
+                      timeout=settings.webhook_timeout_seconds)
+        then = "claim" if time.monotonic() - started < CHAIN_SECONDS else "lease"
+        result, claimed, handed = _record(claimed, answer, attempted_at=attempted_at,
+                                          settings=settings, then=then, hold=hold)
         outcomes.append(result)
         if observe is not None:
             observe(result)
-        if result.outcome != "delivered":
-            break
-        claimed = _claim(text(_CLAIM_NEXT), {"endpoint_id": claimed.endpoint_id, "hold": hold})
-        if claimed is not None and time.monotonic() - started > CHAIN_SECONDS:
-            _hand_back(claimed.id, settings)
-            enqueue(claimed.id)
-            break
+        if handed is not None:
+            enqueue(handed)
     return outcomes
-
-
-def _claim(statement: Any, params: dict[str, Any]) -> Claimed | None:
-    with unit_of_work() as session:
-        row = session.execute(statement, params).first()
-        session.commit()  # the connection goes back to the pool before the HTTP call
-    return Claimed(**row._mapping) if row is not None else None
-
-
-def _hand_back(delivery_id: str, settings: Settings) -> None:
-    """Turn a claim into a lease: the delivery waits in the queue, not in this task."""
-    with unit_of_work() as session:
-        session.execute(
-            text("UPDATE webhook_deliveries SET attempting_until = NULL, "
-                 "scheduled_until = now() + make_interval(secs => :lease) WHERE id = :id"),
-            {"id": delivery_id, "lease": lease_seconds(settings)},
-        )
-        session.commit()
-
-
-def postpone(delivery_id: str, seconds: float = 1.0) -> None:
-    """Leave a leased delivery to a later dispatch (this worker has no room for it now)."""
-    with unit_of_work() as session:
-        session.execute(
-            text("UPDATE webhook_deliveries SET scheduled_until = now() + "
-                 "make_interval(secs => :seconds) WHERE id = :id AND status = 'pending'"),
-            {"id": delivery_id, "seconds": seconds},
-        )
-        session.commit()
-
-
-def signed_request(
-    *, secret: str, event_id: str, body: str, now: datetime | None = None
-) -> dict[str, str]:
-    """The Standard Webhooks headers for ``body``: the event id as ``webhook-id`` (the same
-    on every retry), the time of this attempt, and the signature over both and the body."""
-    moment = now or datetime.now(UTC)
-    return {
-        "webhook-id": event_id,
-        "webhook-timestamp": str(int(moment.timestamp())),
-        "webhook-signature": Webhook(secret).sign(event_id, moment, body),
-    }
-
-
-def _event_text(session: Session, event_id: str) -> str:
-    event = session.get(WebhookOutboxEvent, event_id)
-    if event is None:  # the foreign key makes this impossible
-        raise NotFound(f"event {event_id} is missing")
-    return event_body(
-        event_id=event.id, event_type=event.type, occurred_at=event.occurred_at,
-        refund_row=event.refund, previous_status=event.previous_status,
-        sequence=event.sequence,
-    )
-
-
-def _attempt(
-    claimed: Claimed, *, settings: Settings, post: Callable[..., outbound_http.Answer]
-) -> Outcome:
-    with unit_of_work() as session:
-        body = _event_text(session, claimed.event_id)
-    attempted_at = datetime.now(UTC)
-    headers = signed_request(secret=claimed.secret, event_id=claimed.event_id, body=body,
-                             now=attempted_at)
-    answer = post(claimed.url, body.encode(), headers, timeout=settings.webhook_timeout_seconds)
-    return _record(claimed, answer, attempted_at=attempted_at, settings=settings)
 
 
 def _record(
     claimed: Claimed, answer: outbound_http.Answer, *, attempted_at: datetime,
-    settings: Settings,
-) -> Outcome:
+    settings: Settings, then: str, hold: float,
+) -> tuple[Outcome, Claimed | None, str | None]:
+    """Record an attempt; after a success, claim (or lease, to hand to the queue) the
+    endpoint's next due delivery in the same transaction."""
     delays = settings.webhook_retry_delays
     step = claimed.schedule_step + 1
     if answer.delivered:
-        outcome = "delivered"
+        outcome, status, step = "delivered", "delivered", claimed.schedule_step
     elif step > len(delays):
-        outcome = "failed"
+        outcome, status = "failed", "failed"
     else:
-        outcome = "retry"
+        outcome, status = "retry", "pending"
+    following: Claimed | None = None
+    handed: str | None = None
     with unit_of_work() as session:
-        session.add(WebhookDeliveryAttempt(
-            delivery_id=claimed.id, attempted_at=attempted_at,
-            duration_ms=round(answer.seconds * 1000), status_code=answer.status,
-            error=answer.error, response_body=answer.body,
-            requested_by=claimed.resend_requested_by,
-        ))
-        session.execute(
-            text("""
-                UPDATE webhook_deliveries SET
-                    status = CASE :outcome WHEN 'delivered' THEN 'delivered'
-                                           WHEN 'failed' THEN 'failed' ELSE 'pending' END,
-                    attempts = attempts + 1,
-                    schedule_step = CASE WHEN :outcome = 'delivered' THEN schedule_step
-                                         ELSE :step END,
-                    next_attempt_at = CASE WHEN :outcome = 'retry'
-                        THEN now() + make_interval(secs => :delay) END,
-                    delivered_at = CASE WHEN :outcome = 'delivered' THEN now()
-                                        ELSE delivered_at END,
-                    attempting_until = NULL, scheduled_until = NULL,
-                    resend_requested_by = NULL,
-                    last_attempt_at = :attempted_at, last_status_code = :status_code,
-                    last_error = :error, updated_at = now()
-                WHERE id = :id
-            """),
-            {"id": claimed.id, "outcome": outcome, "step": step,
-             "delay": delays[step - 1] if outcome == "retry" else 0,
-             "attempted_at": attempted_at, "status_code": answer.status,
-             "error": answer.error},
-        )
+        cursor = driver_cursor(session)
+        cursor.execute(_RECORD, {
+            "id": claimed.id, "attempted_at": attempted_at,
+            "duration_ms": round(answer.seconds * 1000), "status_code": answer.status,
+            "error": answer.error, "response_body": answer.body,
+            "requested_by": claimed.resend_requested_by, "status": status, "step": step,
+            "delay": delays[step - 1] if outcome == "retry" else 0,
+        })
         if outcome == "delivered":
-            session.execute(
-                text("UPDATE webhook_endpoints SET failing_since = NULL "
-                     "WHERE id = :id AND failing_since IS NOT NULL"),
-                {"id": claimed.endpoint_id},
-            )
+            if claimed.failing_since is not None:
+                cursor.execute("UPDATE webhook_endpoints SET failing_since = NULL "
+                               "WHERE id = %(id)s", {"id": claimed.endpoint_id})
+            params = {"endpoint_id": claimed.endpoint_id, "hold": hold,
+                      "lease": lease_seconds(settings)}
+            if then == "claim":
+                row = cursor.execute(_CLAIM_NEXT, params).fetchone()
+                following = Claimed(**row._asdict()) if row is not None else None
+            else:
+                row = cursor.execute(_LEASE_NEXT, params).fetchone()
+                handed = row.id if row is not None else None
         else:
             _note_failure(session, claimed.endpoint_id, settings)
         session.commit()
-    return Outcome(claimed.id, outcome, answer.status, answer.error, answer.seconds)
+    return (Outcome(claimed.id, outcome, answer.status, answer.error, answer.seconds),
+            following, handed)
 
 
 def _note_failure(session: Session, endpoint_id: str, settings: Settings) -> None:
@@ -492,6 +472,30 @@ def _note_failure(session: Session, endpoint_id: str, settings: Settings) -> Non
         log.error("webhook endpoint disabled after failing for %ss",
                   int(settings.webhook_disable_after_seconds),
                   extra={"endpoint_id": endpoint_id})
+
+
+def postpone(delivery_id: str, seconds: float = 1.0) -> None:
+    """Leave a leased delivery to a later dispatch (this worker has no room for it now)."""
+    with unit_of_work() as session:
+        session.execute(
+            text("UPDATE webhook_deliveries SET scheduled_until = now() + "
+                 "make_interval(secs => :seconds) WHERE id = :id AND status = 'pending'"),
+            {"id": delivery_id, "seconds": seconds},
+        )
+        session.commit()
+
+
+def signed_request(
+    *, secret: str, event_id: str, body: str, now: datetime | None = None
+) -> dict[str, str]:
+    """The Standard Webhooks headers for ``body``: the event id as ``webhook-id`` (the same
+    on every retry), the time of this attempt, and the signature over both and the body."""
+    moment = now or datetime.now(UTC)
+    return {
+        "webhook-id": event_id,
+        "webhook-timestamp": str(int(moment.timestamp())),
+        "webhook-signature": Webhook(secret).sign(event_id, moment, body),
+    }
 
 
 # -- the console ---------------------------------------------------------------------
