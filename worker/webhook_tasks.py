@@ -5,9 +5,9 @@ channel, which the outbox trigger notifies when a status change commits, so an e
 on its way within milliseconds; and it wakes every WEBHOOK_DISPATCH_INTERVAL_SECONDS to
 enqueue retries that came due and anything a lost NOTIFY or message left behind.
 
-At most half of the pool's threads deliver webhooks at once: a task that finds no room
-hands its delivery back for a second later, so refunds always have threads, however
-many endpoints are slow or dead.
+In a worker that also makes refunds, at most half of the pool's threads deliver webhooks
+at once: a task that finds no room hands its delivery back for a second later, so
+refunds always have threads, however many endpoints are slow or dead.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from celery import Task
 from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from shared import metrics, webhook_delivery
-from shared.celery_app import DELIVER_WEBHOOK_TASK, get_celery
+from shared.celery_app import DELIVER_WEBHOOK_TASK, REFUNDS_QUEUE, get_celery
 from shared.config import get_settings
 
 log = logging.getLogger(__name__)
@@ -48,9 +48,15 @@ def deliver_webhook(self: Task, delivery_id: str) -> str:
 
 @worker_init.connect
 def _size_slots(sender: Any = None, **_: Any) -> None:
+    """Half the pool for a worker that also makes refunds; all of it for one started with
+    ``-Q refunds.webhooks`` (and the refund workers with ``-X refunds.webhooks``)."""
     global _slots
     concurrency = int(getattr(sender, "concurrency", 0) or get_settings().worker_concurrency)
-    _slots = threading.BoundedSemaphore(max(1, concurrency // 2))
+    consumed = set(getattr(getattr(sender, "app", app).amqp.queues, "consume_from", None)
+                   or ())
+    shares_refunds = not consumed or REFUNDS_QUEUE in consumed
+    _slots = threading.BoundedSemaphore(max(1, concurrency // 2 if shares_refunds
+                                            else concurrency))
 
 
 @worker_ready.connect
