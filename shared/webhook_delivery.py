@@ -288,12 +288,12 @@ WHERE d.id = %(id)s AND e.id = d.endpoint_id AND o.id = d.event_id AND e.enabled
 RETURNING {_CLAIMED}
 """  # noqa: S608 - built from constants only
 
-# The endpoint's next due delivery: claimed by the task that just delivered one, or
-# (``lease``) handed to the queue when the task has gone on long enough.
+# The endpoint's next due delivery, claimed by the task that just delivered one: even
+# one enqueued and waiting for a thread (its message then finds nothing to do), so a
+# busy endpoint's deliveries never wait behind the queue.
 _NEXT_DUE = """
 SELECT id FROM webhook_deliveries
 WHERE endpoint_id = %(endpoint_id)s AND status = 'pending' AND next_attempt_at <= now()
-  AND (scheduled_until IS NULL OR scheduled_until <= now())
   AND (attempting_until IS NULL OR attempting_until <= now())
 ORDER BY next_attempt_at, id LIMIT 1 FOR UPDATE SKIP LOCKED
 """
@@ -304,11 +304,19 @@ FROM webhook_endpoints e, webhook_outbox o
 WHERE e.id = d.endpoint_id AND o.id = d.event_id AND e.enabled AND d.id = ({_NEXT_DUE})
 RETURNING {_CLAIMED}
 """  # noqa: S608 - built from constants only
-_LEASE_NEXT = f"""
+# Or, when the task has gone on long enough, the next one not already enqueued is
+# handed to the queue.
+_LEASE_NEXT = """
 UPDATE webhook_deliveries SET scheduled_until = now() + make_interval(secs => %(lease)s)
-WHERE id = ({_NEXT_DUE})
+WHERE id = (
+    SELECT id FROM webhook_deliveries
+    WHERE endpoint_id = %(endpoint_id)s AND status = 'pending' AND next_attempt_at <= now()
+      AND (scheduled_until IS NULL OR scheduled_until <= now())
+      AND (attempting_until IS NULL OR attempting_until <= now())
+    ORDER BY next_attempt_at, id LIMIT 1 FOR UPDATE SKIP LOCKED
+)
 RETURNING id
-"""  # noqa: S608 - built from constants only
+"""
 
 _RECORD = """
 WITH attempt AS (

@@ -52,7 +52,9 @@ def test_status_changes_reach_the_receiver_signed_within_milliseconds(
     edb: Session, receiver: Receiver, worker: ServiceProcess
 ) -> None:
     endpoint = make_endpoint(edb, receiver.url)
-    time.sleep(1)  # the worker's dispatcher is listening
+    make_refund(edb)  # the worker is up and delivering before anything is timed
+    wait_for(lambda: receiver.received, timeout=30, what="a first delivery")
+    receiver.received.clear()
     committed: dict[str, float] = {}
     refund_ids = []
     for _ in range(10):
