@@ -400,8 +400,15 @@ def deliver(
         attempted_at = datetime.now(UTC)
         headers = signed_request(secret=claimed.secret, event_id=claimed.event_id, body=body,
                                  now=attempted_at)
-        answer = post(claimed.url, body.encode(), headers,
-                      timeout=settings.webhook_timeout_seconds)
+        if settings.is_production and not claimed.url.startswith("https://"):
+            # Saved before the service ran in production: never sent in the clear there.
+            answer = outbound_http.Answer(
+                status=None, body=None, seconds=0.0,
+                error="refused: production sends events only to https:// URLs",
+            )
+        else:
+            answer = post(claimed.url, body.encode(), headers,
+                          timeout=settings.webhook_timeout_seconds)
         then = "claim" if time.monotonic() - started < CHAIN_SECONDS else "lease"
         result, claimed, handed = _record(claimed, answer, attempted_at=attempted_at,
                                           settings=settings, then=then, hold=hold)

@@ -373,3 +373,21 @@ def test_the_trigger_is_in_the_migration(edb: Session) -> None:
         "SELECT tgname FROM pg_trigger WHERE tgrelid = 'refund_events'::regclass "
         "AND NOT tgisinternal ORDER BY tgname")).all()
     assert "refund_events_to_webhook_outbox" in names
+
+
+def test_production_never_sends_to_a_plain_http_url(
+    edb: Session, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An endpoint saved before the service ran in production keeps its http:// URL; it
+    is refused when sending, not only when saving."""
+    from shared.config import Settings
+
+    make_endpoint(edb, receiver.url)
+    make_refund(edb)
+    (delivery_id,) = dispatch()
+    # Production as Settings.is_production says (APP_ENV=production or a live key),
+    # without the other production requirements this test's settings do not meet.
+    monkeypatch.setattr(Settings, "is_production", property(lambda _: True))
+    (outcome,) = webhook_delivery.deliver(delivery_id)
+    assert outcome.outcome == "retry" and "https://" in (outcome.error or "")
+    assert receiver.received == []
