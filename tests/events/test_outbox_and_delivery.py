@@ -391,3 +391,28 @@ def test_production_never_sends_to_a_plain_http_url(
     (outcome,) = webhook_delivery.deliver(delivery_id)
     assert outcome.outcome == "retry" and "https://" in (outcome.error or "")
     assert receiver.received == []
+
+
+def test_a_change_and_its_event_written_in_one_statement_make_an_exact_event(
+    edb: Session,
+) -> None:
+    """Plain SQL moves a refund and records its event in one statement (a data-modifying
+    WITH); the trigger still sees the refund as that statement left it."""
+    refund_id = make_refund(edb)
+    edb.execute(text("""
+        WITH locked AS (SELECT id, status FROM refunds WHERE id = :id FOR UPDATE),
+        moved AS (
+            UPDATE refunds r SET status = 'succeeded', stripe_refund_id = :stripe_id,
+                                 updated_at = now()
+            FROM locked WHERE r.id = locked.id
+            RETURNING r.id, locked.status AS from_status, r.status AS status
+        )
+        INSERT INTO refund_events (refund_id, from_status, to_status, actor)
+        SELECT id, from_status, status, 'worker' FROM moved
+    """), {"id": refund_id, "stripe_id": f"re_{refund_id}"})
+    edb.commit()
+    created, succeeded = outbox_of(edb, refund_id)
+    assert (succeeded.type, succeeded.previous_status, succeeded.sequence) == (
+        "refund.succeeded", "pending", 2)
+    assert succeeded.refund["stripe_refund_id"] == f"re_{refund_id}"
+    assert created.refund["stripe_refund_id"] is None
