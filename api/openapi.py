@@ -26,7 +26,7 @@ from api.schemas import (
     REASON_MAX,
     RefundStatusName,
 )
-from api.webhook_endpoints import DELIVERY_STATUSES, EVENTS_MAX
+from api.webhook_endpoints import DELIVERY_STATUSES, EVENTS_MAX, OVERLAP_MAX
 from shared.config import Settings, get_settings
 from shared.outbound_events import ALL_EVENTS, DESCRIPTION_MAX, URL_MAX, event_types
 
@@ -463,6 +463,9 @@ def _webhook_schemas() -> dict[str, Any]:
         "failing_since": {**nullable_time,
                           "description": "Since when every attempt has failed; null after a "
                                          "success."},
+        "previous_secret_expires_at": {**nullable_time,
+                                       "description": "After a rotation: until when events "
+                                                      "are signed with the old secret too."},
         "created_at": timestamp,
         "updated_at": timestamp,
     }
@@ -516,6 +519,13 @@ def _webhook_schemas() -> dict[str, Any]:
                 "type": "string", "description": "`whsec_` + base64 of 32 random bytes: the "
                 "Standard Webhooks signing secret. Shown only in this answer."}},
             "required": [*endpoint_props, "secret"],
+        },
+        "WebhookSecretRotation": {
+            "type": "object", "additionalProperties": False,
+            "properties": {"overlap_seconds": {
+                "type": "integer", "minimum": 0, "maximum": OVERLAP_MAX, "default": 86400,
+                "description": "How long events are signed with the old secret too; 0 "
+                               "stops it at once (a leaked secret)."}},
         },
         "WebhookEndpointList": {
             "type": "object", "additionalProperties": False,
@@ -609,6 +619,23 @@ def _webhook_paths(settings: Settings) -> dict[str, Any]:
                 "security": security, "parameters": [endpoint_id, request_id],
                 "responses": {"200": answer("Deleted.", "WebhookEndpointDeleted"),
                               **_auth_errors(admin), "404": not_found},
+            },
+        },
+        "/v1/admin/webhook-endpoints/{endpoint_id}/rotate-secret": {
+            "post": {
+                "operationId": "rotateWebhookSecret",
+                "summary": "A new signing secret, shown once",
+                "description": "Events are signed with both secrets (two `v1,` signatures) "
+                               "for `overlap_seconds`, so the subscriber can switch without "
+                               "a failed verification.",
+                "security": security, "parameters": [endpoint_id, request_id],
+                "requestBody": {"required": False,
+                                "content": _json(_ref("schemas", "WebhookSecretRotation"))},
+                "responses": {"200": answer("The endpoint with its new secret.",
+                                            "WebhookEndpointCreated"),
+                              **_auth_errors(admin), "404": not_found,
+                              "413": _ref("responses", "TooLarge"),
+                              "422": _error("Bad body; the message names the field.")},
             },
         },
         "/v1/admin/webhook-endpoints/{endpoint_id}/deliveries": {

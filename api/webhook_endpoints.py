@@ -33,6 +33,7 @@ bp = Blueprint("webhook_endpoints", __name__, url_prefix="/v1/admin")
 F = TypeVar("F", bound=Callable[..., Any])
 
 EVENTS_MAX = 32
+OVERLAP_MAX = 7 * 24 * 3600
 DELIVERY_STATUSES = ("pending", "delivered", "failed")
 
 
@@ -110,6 +111,14 @@ class EndpointUpdate(BaseModel):
 
     _check_url = field_validator("url")(_url)
     _check_events = field_validator("events")(_events)
+
+
+class SecretRotation(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    overlap_seconds: Annotated[int, Field(ge=0, le=OVERLAP_MAX)] = (
+        webhook_delivery.ROTATION_OVERLAP_SECONDS
+    )
 
 
 class DeliveryListQuery(BaseModel):
@@ -214,6 +223,19 @@ def update_endpoint(endpoint_id: str) -> Response:
         return jsonify(webhook_delivery.update_endpoint(
             session=session, endpoint_id=endpoint_id, changes=changes,
             production=get_settings().is_production,
+        ))
+
+
+@bp.post("/webhook-endpoints/<path:endpoint_id>/rotate-secret")
+@require_admin_scope
+def rotate_secret(endpoint_id: str) -> Response:
+    if request.get_data(cache=True):
+        body = _parse_body(SecretRotation, '{"overlap_seconds": 86400}')
+    else:
+        body = SecretRotation()
+    with unit_of_work() as session:
+        return jsonify(webhook_delivery.rotate_secret(
+            session=session, endpoint_id=endpoint_id, overlap_seconds=body.overlap_seconds
         ))
 
 

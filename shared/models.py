@@ -175,6 +175,10 @@ class WebhookEndpoint(Base):
     description: Mapped[str | None] = mapped_column(Text)
     enabled: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="true")
     secret: Mapped[str] = mapped_column(String(100), nullable=False)
+    # After a rotation, events are signed with the old secret too until this time, so
+    # the subscriber can deploy the new one without a window of failed verifications.
+    previous_secret: Mapped[str | None] = mapped_column(String(100))
+    previous_secret_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     disabled_reason: Mapped[str | None] = mapped_column(Text)
     # Since when every attempt to this endpoint has failed (None after a success).
     failing_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -82,6 +82,8 @@ def endpoint_body(endpoint: WebhookEndpoint, *, secret: bool = False) -> dict[st
         "enabled": endpoint.enabled,
         "disabled_reason": endpoint.disabled_reason,
         "failing_since": _iso(endpoint.failing_since),
+        "previous_secret_expires_at": _iso(endpoint.previous_secret_expires_at)
+        if endpoint.previous_secret else None,
         "created_at": _iso(endpoint.created_at),
         "updated_at": _iso(endpoint.updated_at),
     }
@@ -145,6 +147,31 @@ def update_endpoint(
     session.refresh(endpoint)
     body = endpoint_body(endpoint)
     session.commit()
+    return body
+
+
+#: How long events are signed with the old secret too after a rotation, by default.
+ROTATION_OVERLAP_SECONDS = 24 * 3600
+
+
+def rotate_secret(
+    *, session: Session, endpoint_id: str, overlap_seconds: int = ROTATION_OVERLAP_SECONDS
+) -> dict[str, Any]:
+    """A new secret, shown once; the old one keeps signing too for ``overlap_seconds``
+    (0: it stops at once, for a secret that leaked)."""
+    endpoint = _endpoint(session, endpoint_id, lock=True)
+    endpoint.previous_secret = endpoint.secret if overlap_seconds > 0 else None
+    endpoint.previous_secret_expires_at = (
+        func.now() + timedelta(seconds=overlap_seconds) if overlap_seconds > 0 else None
+    )
+    endpoint.secret = new_secret()
+    endpoint.updated_at = func.now()
+    session.flush()
+    session.refresh(endpoint)
+    body = endpoint_body(endpoint, secret=True)
+    session.commit()
+    log.info("webhook endpoint secret rotated",
+             extra={"endpoint_id": endpoint_id, "overlap_seconds": overlap_seconds})
     return body
 
 
@@ -275,7 +302,9 @@ def dispatch_in_reconcile() -> int:
 _CLAIMED = """
     d.id, d.endpoint_id, d.event_id, d.schedule_step, d.resend_requested_by,
     e.url, e.secret, e.failing_since, o.type, o.sequence, o.previous_status, o.refund,
-    o.occurred_at
+    o.occurred_at,
+    CASE WHEN e.previous_secret_expires_at > now() THEN e.previous_secret END
+        AS previous_secret
 """
 
 _CLAIM = f"""
@@ -354,6 +383,7 @@ class Claimed:
     previous_status: str | None
     refund: dict[str, Any]
     occurred_at: datetime
+    previous_secret: str | None
 
     def body(self) -> str:
         return event_body(
@@ -399,7 +429,7 @@ def deliver(
         body = claimed.body()
         attempted_at = datetime.now(UTC)
         headers = signed_request(secret=claimed.secret, event_id=claimed.event_id, body=body,
-                                 now=attempted_at)
+                                 now=attempted_at, previous_secret=claimed.previous_secret)
         if settings.is_production and not claimed.url.startswith("https://"):
             # Saved before the service ran in production: never sent in the clear there.
             answer = outbound_http.Answer(
@@ -501,15 +531,21 @@ def postpone(delivery_id: str, seconds: float = 1.0) -> None:
 
 
 def signed_request(
-    *, secret: str, event_id: str, body: str, now: datetime | None = None
+    *, secret: str, event_id: str, body: str, now: datetime | None = None,
+    previous_secret: str | None = None,
 ) -> dict[str, str]:
     """The Standard Webhooks headers for ``body``: the event id as ``webhook-id`` (the same
-    on every retry), the time of this attempt, and the signature over both and the body."""
+    on every retry), the time of this attempt, and the signature over both and the body;
+    during a rotation, a second signature with the previous secret (space-separated, as
+    the scheme allows), so either secret verifies."""
     moment = now or datetime.now(UTC)
+    signatures = [Webhook(secret).sign(event_id, moment, body)]
+    if previous_secret:
+        signatures.append(Webhook(previous_secret).sign(event_id, moment, body))
     return {
         "webhook-id": event_id,
         "webhook-timestamp": str(int(moment.timestamp())),
-        "webhook-signature": Webhook(secret).sign(event_id, moment, body),
+        "webhook-signature": " ".join(signatures),
     }
 
 

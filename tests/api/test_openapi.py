@@ -68,6 +68,7 @@ SPEC_ENDPOINTS = {
     ("delete", "/v1/admin/webhook-endpoints/{endpoint_id}"),
     ("get", "/v1/admin/webhook-endpoints/{endpoint_id}/deliveries"),
     ("post", "/v1/admin/webhook-deliveries/{delivery_id}/retry"),
+    ("post", "/v1/admin/webhook-endpoints/{endpoint_id}/rotate-secret"),
 }
 
 

@@ -185,3 +185,45 @@ def test_delivery_log_pages_newest_first_filters_and_sends_again(
     assert http.get(f"{ENDPOINTS}/we_nope/deliveries", headers=admin).status_code == 404
     resp = http.post("/v1/admin/webhook-deliveries/whd_nope/retry", headers=admin)
     assert resp.status_code == 404 and resp.json()["error"] == "not_found"
+
+
+def test_a_rotated_secret_is_shown_once_and_both_verify_during_the_overlap(
+    http: httpx.Client, admin: dict[str, str], edb: Session, receiver: Receiver
+) -> None:
+    from standardwebhooks import Webhook
+
+    created = create(http, admin, events=["refund.created"]).json()
+    endpoint_id, old_secret = created["id"], created["secret"]
+    edb.expire_all()
+    edb.get(WebhookEndpoint, endpoint_id).url = receiver.url
+    edb.commit()
+    resp = http.post(f"{ENDPOINTS}/{endpoint_id}/rotate-secret", headers=admin)
+    assert resp.status_code == 200, resp.text
+    new_secret = resp.json()["secret"]
+    assert new_secret.startswith("whsec_") and new_secret != old_secret
+    assert resp.json()["previous_secret_expires_at"] is not None
+    assert "secret" not in http.get(f"{ENDPOINTS}/{endpoint_id}", headers=admin).json()
+
+    def deliver_one() -> tuple[bytes, dict[str, str]]:
+        receiver.received.clear()
+        make_refund(edb)
+        webhook_delivery.dispatch_once(enqueue=webhook_delivery.deliver)
+        (got,) = receiver.received
+        return got.body, got.headers
+
+    body, headers = deliver_one()
+    assert len(headers["webhook-signature"].split(" ")) == 2
+    Webhook(new_secret).verify(body, headers)
+    Webhook(old_secret).verify(body, headers)  # the subscriber has not switched yet
+    # A leaked secret: rotated with no overlap, the old one stops at once.
+    resp = http.post(f"{ENDPOINTS}/{endpoint_id}/rotate-secret", headers=admin,
+                     json={"overlap_seconds": 0})
+    newest = resp.json()["secret"]
+    body, headers = deliver_one()
+    Webhook(newest).verify(body, headers)
+    with pytest.raises(Exception, match="No matching signature"):
+        Webhook(new_secret).verify(body, headers)
+    for bad in ({"overlap_seconds": -1}, {"overlap_seconds": "60"}, {"overlap": 60}):
+        resp = http.post(f"{ENDPOINTS}/{endpoint_id}/rotate-secret", headers=admin, json=bad)
+        assert resp.status_code == 422, bad
+        assert resp.json()["message"].startswith(("overlap_seconds:", "overlap:"))

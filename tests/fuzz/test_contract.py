@@ -60,6 +60,7 @@ OPERATIONS = {
     "DELETE /v1/admin/webhook-endpoints/{endpoint_id}",
     "GET /v1/admin/webhook-endpoints/{endpoint_id}/deliveries",
     "POST /v1/admin/webhook-deliveries/{delivery_id}/retry",
+    "POST /v1/admin/webhook-endpoints/{endpoint_id}/rotate-secret",
 }
 #: Operations a request can break the schema of (a body, a bounded parameter, a token);
 #: the others take nothing but free-form string headers.
