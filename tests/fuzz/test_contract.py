@@ -124,9 +124,10 @@ def plain_integers(case: Case) -> Case:
     """JSON Schema counts ``100.0`` as an integer; SPEC 3.1 does not (types are strict),
     and no JSON Schema keyword can say so. Clients write integers as integers."""
     if isinstance(case.body, dict):
-        value = case.body.get("amount_cents")
-        if isinstance(value, float) and value.is_integer():
-            case.body["amount_cents"] = int(value)
+        for name in ("amount_cents", "overlap_seconds"):
+            value = case.body.get(name)
+            if isinstance(value, float) and value.is_integer():
+                case.body[name] = int(value)
     return case
 
 
