@@ -44,10 +44,19 @@ def create_app() -> Flask:
         response.headers["X-Request-Id"] = g.get("request_id", "")
         return response
 
-    from api import approvals, console, health, metrics, openapi, refunds, webhooks
+    from api import (
+        approvals,
+        console,
+        health,
+        metrics,
+        openapi,
+        refunds,
+        webhook_endpoints,
+        webhooks,
+    )
 
     blueprints = (refunds.bp, approvals.bp, webhooks.bp, health.bp, metrics.bp, openapi.bp,
-                  console.bp)
+                  console.bp, webhook_endpoints.bp)
     for blueprint in blueprints:
         app.register_blueprint(blueprint)
     register_error_handlers(app)

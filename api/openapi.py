@@ -27,7 +27,9 @@ from api.schemas import (
     REASON_MAX,
     RefundStatusName,
 )
+from api.webhook_endpoints import DELIVERY_STATUSES, EVENTS_MAX, OVERLAP_MAX
 from shared.adapters.config import Settings, get_settings
+from shared.domain.outbound_events import ALL_EVENTS, DESCRIPTION_MAX, URL_MAX, event_types
 
 bp = Blueprint("openapi", __name__)
 
@@ -498,7 +500,7 @@ def _approval_paths(settings: Settings) -> dict[str, Any]:
 
 def build_document(settings: Settings) -> dict[str, Any]:
     write, read = settings.refunds_write_scope, settings.refunds_read_scope
-    paths = _paths(settings)
+    paths = {**_paths(settings), **_webhook_paths(settings)}
     for item in paths.values():
         for operation in item.values():
             # Refused by the HTTP server before the app sees the request (gunicorn.conf.py).
@@ -526,7 +528,7 @@ def build_document(settings: Settings) -> dict[str, Any]:
                                    "refunds awaiting approval.",
                 },
             },
-            "schemas": _schemas(),
+            "schemas": {**_schemas(), **_webhook_schemas()},
             "parameters": {
                 "Idempotency-Key": {
                     "name": "Idempotency-Key", "in": "header",
@@ -560,6 +562,252 @@ def build_document(settings: Settings) -> dict[str, Any]:
                                           "`headers_too_large`."),
                 "InternalError": _error("Unexpected failure; the message quotes the request id."
                                         " `error`: `internal_error`."),
+            },
+        },
+    }
+
+
+# ----------------------------------------------------- refund events out (SPEC 13)
+
+
+def _webhook_schemas() -> dict[str, Any]:
+    timestamp = {"type": "string", "format": "date-time"}
+    nullable_time = {"type": ["string", "null"], "format": "date-time"}
+    event_names = {"type": "string", "enum": [ALL_EVENTS, *event_types()]}
+    events = {"type": "array", "minItems": 1, "maxItems": EVENTS_MAX, "items": event_names,
+              "description": "Event types to receive; omitted or `[\"*\"]`: every type, "
+                             "including ones added later."}
+    url = {"type": "string", "minLength": 1, "maxLength": URL_MAX,
+           "description": "Where events are POSTed. `https://` in production; never a "
+                          "link-local or cloud metadata address (169.254.0.0/16, fe80::/10); "
+                          "redirects are not followed."}
+    description = {"type": ["string", "null"], "maxLength": DESCRIPTION_MAX,
+                   "pattern": NO_NUL_PATTERN}
+    endpoint_props: dict[str, Any] = {
+        "id": {"type": "string", "description": "`we_…`"},
+        "url": {"type": "string"},
+        "events": {"type": "array", "items": {"type": "string"}},
+        "description": {"type": ["string", "null"]},
+        "enabled": {"type": "boolean"},
+        "disabled_reason": {"type": ["string", "null"],
+                            "description": "Why it is disabled (by an operator, or after "
+                                           "every delivery failed for "
+                                           "WEBHOOK_DISABLE_AFTER_SECONDS)."},
+        "failing_since": {**nullable_time,
+                          "description": "Since when every attempt has failed; null after a "
+                                         "success."},
+        "previous_secret_expires_at": {**nullable_time,
+                                       "description": "After a rotation: until when events "
+                                                      "are signed with the old secret too."},
+        "created_at": timestamp,
+        "updated_at": timestamp,
+    }
+    attempt_props: dict[str, Any] = {
+        "attempted_at": timestamp,
+        "duration_ms": {"type": "integer", "minimum": 0},
+        "status_code": {"type": ["integer", "null"]},
+        "error": {"type": ["string", "null"]},
+        "response_body": {"type": ["string", "null"],
+                          "description": "The receiver's answer, cut to 1 KB."},
+        "requested_by": {"type": ["string", "null"],
+                         "description": "Who asked for this attempt (send again), if anyone."},
+    }
+    delivery_props: dict[str, Any] = {
+        "id": {"type": "string", "description": "`whd_…`"},
+        "endpoint_id": {"type": "string"},
+        "event_id": {"type": "string", "description": "`evt_…`, sent as `webhook-id`."},
+        "event_type": {"type": "string"},
+        "refund_id": {"type": "string"},
+        "status": {"type": "string", "enum": list(DELIVERY_STATUSES)},
+        "attempts": {"type": "integer", "minimum": 0},
+        "next_attempt_at": nullable_time,
+        "last_attempt_at": nullable_time,
+        "last_status_code": {"type": ["integer", "null"]},
+        "last_error": {"type": ["string", "null"]},
+        "delivered_at": nullable_time,
+        "created_at": timestamp,
+        "attempt_log": {"type": "array", "description": "The latest 20 attempts, oldest first.",
+                        "items": {"type": "object", "additionalProperties": False,
+                                  "properties": attempt_props,
+                                  "required": list(attempt_props)}},
+    }
+    return {
+        "WebhookEndpointCreate": {
+            "type": "object", "additionalProperties": False,
+            "properties": {"url": url, "events": events, "description": description},
+            "required": ["url"],
+        },
+        "WebhookEndpointUpdate": {
+            "type": "object", "additionalProperties": False, "minProperties": 1,
+            "properties": {"url": url, "events": events, "description": description,
+                           "enabled": {"type": "boolean"}},
+        },
+        "WebhookEndpoint": {
+            "type": "object", "additionalProperties": False,
+            "properties": endpoint_props, "required": list(endpoint_props),
+        },
+        "WebhookEndpointCreated": {
+            "type": "object", "additionalProperties": False,
+            "properties": {**endpoint_props, "secret": {
+                "type": "string", "description": "`whsec_` + base64 of 32 random bytes: the "
+                "Standard Webhooks signing secret. Shown only in this answer."}},
+            "required": [*endpoint_props, "secret"],
+        },
+        "WebhookSecretRotation": {
+            "type": "object", "additionalProperties": False,
+            "properties": {"overlap_seconds": {
+                "type": "integer", "minimum": 0, "maximum": OVERLAP_MAX, "default": 86400,
+                "description": "How long events are signed with the old secret too; 0 "
+                               "stops it at once (a leaked secret)."}},
+        },
+        "WebhookEndpointList": {
+            "type": "object", "additionalProperties": False,
+            "properties": {"data": {"type": "array",
+                                    "items": _ref("schemas", "WebhookEndpoint")}},
+            "required": ["data"],
+        },
+        "WebhookEndpointDeleted": {
+            "type": "object", "additionalProperties": False,
+            "properties": {"id": {"type": "string"}, "deleted": {"const": True}},
+            "required": ["id", "deleted"],
+        },
+        "WebhookDelivery": {
+            "type": "object", "additionalProperties": False,
+            "properties": delivery_props, "required": list(delivery_props),
+        },
+        "WebhookDeliveryList": {
+            "type": "object", "additionalProperties": False,
+            "properties": {
+                "data": {"type": "array", "items": _ref("schemas", "WebhookDelivery"),
+                         "description": "Newest first."},
+                "has_more": {"type": "boolean"},
+                "next_cursor": {"type": ["string", "null"]},
+            },
+            "required": ["data", "has_more", "next_cursor"],
+        },
+    }
+
+
+def _webhook_paths(settings: Settings) -> dict[str, Any]:
+    admin = settings.refunds_admin_scope
+    request_id = _ref("parameters", "X-Request-Id")
+    security = [{"bearerAuth": [admin]}]
+    endpoint_id = {"name": "endpoint_id", "in": "path", "required": True,
+                   "schema": {"type": "string"}}
+    not_found = _error("No webhook endpoint has that id. `error`: `not_found`.")
+
+    def answer(description: str, schema: str) -> dict[str, Any]:
+        return _ok(description, _json(_ref("schemas", schema)))
+
+    return {
+        "/v1/admin/webhook-endpoints": {
+            "post": {
+                "operationId": "createWebhookEndpoint",
+                "summary": "Subscribe an endpoint to refund events",
+                "security": security, "parameters": [request_id],
+                "requestBody": {"required": True,
+                                "content": _json(_ref("schemas", "WebhookEndpointCreate"))},
+                "responses": {
+                    "201": _ok("Created; the secret is shown only here.",
+                               _json(_ref("schemas", "WebhookEndpointCreated")),
+                               Location={"required": True, "schema": {"type": "string"}}),
+                    **_auth_errors(admin),
+                    "413": _ref("responses", "TooLarge"),
+                    "422": _error("Bad body; the message names the field (a URL that is not "
+                                  "allowed included). Nothing is stored."),
+                },
+            },
+            "get": {
+                "operationId": "listWebhookEndpoints", "summary": "Every endpoint (no secrets)",
+                "security": security, "parameters": [request_id],
+                "responses": {"200": answer("The endpoints, newest first.",
+                                            "WebhookEndpointList"),
+                              **_auth_errors(admin),
+                              "422": _error("Unknown query parameter.")},
+            },
+        },
+        "/v1/admin/webhook-endpoints/{endpoint_id}": {
+            "get": {
+                "operationId": "getWebhookEndpoint", "summary": "One endpoint (no secret)",
+                "security": security, "parameters": [endpoint_id, request_id],
+                "responses": {"200": answer("The endpoint.", "WebhookEndpoint"),
+                              **_auth_errors(admin), "404": not_found},
+            },
+            "patch": {
+                "operationId": "updateWebhookEndpoint",
+                "summary": "Change url, events, description or enabled",
+                "description": "Enabling clears `disabled_reason` and `failing_since`; its "
+                               "waiting deliveries resume.",
+                "security": security, "parameters": [endpoint_id, request_id],
+                "requestBody": {"required": True,
+                                "content": _json(_ref("schemas", "WebhookEndpointUpdate"))},
+                "responses": {"200": answer("The endpoint.", "WebhookEndpoint"),
+                              **_auth_errors(admin), "404": not_found,
+                              "413": _ref("responses", "TooLarge"),
+                              "422": _error("Bad body; the message names the field.")},
+            },
+            "delete": {
+                "operationId": "deleteWebhookEndpoint",
+                "summary": "Delete an endpoint and its delivery log",
+                "security": security, "parameters": [endpoint_id, request_id],
+                "responses": {"200": answer("Deleted.", "WebhookEndpointDeleted"),
+                              **_auth_errors(admin), "404": not_found},
+            },
+        },
+        "/v1/admin/webhook-endpoints/{endpoint_id}/rotate-secret": {
+            "post": {
+                "operationId": "rotateWebhookSecret",
+                "summary": "A new signing secret, shown once",
+                "description": "Events are signed with both secrets (two `v1,` signatures) "
+                               "for `overlap_seconds`, so the subscriber can switch without "
+                               "a failed verification.",
+                "security": security, "parameters": [endpoint_id, request_id],
+                "requestBody": {"required": False,
+                                "content": _json(_ref("schemas", "WebhookSecretRotation"))},
+                "responses": {"200": answer("The endpoint with its new secret.",
+                                            "WebhookEndpointCreated"),
+                              **_auth_errors(admin), "404": not_found,
+                              "413": _ref("responses", "TooLarge"),
+                              "422": _error("Bad body; the message names the field.")},
+            },
+        },
+        "/v1/admin/webhook-endpoints/{endpoint_id}/deliveries": {
+            "get": {
+                "operationId": "listWebhookDeliveries",
+                "summary": "An endpoint's deliveries, newest first, with their attempts",
+                "security": security,
+                "parameters": [
+                    endpoint_id,
+                    {"name": "status", "in": "query",
+                     "schema": {"type": "string", "enum": list(DELIVERY_STATUSES)}},
+                    {"name": "limit", "in": "query", "schema": {
+                        "type": "integer", "minimum": 1, "maximum": LIST_LIMIT_MAX,
+                        "default": LIST_LIMIT_DEFAULT}},
+                    {"name": "cursor", "in": "query",
+                     "description": "A `next_cursor` from an earlier page.",
+                     "schema": {"type": "string", "minLength": 1, "maxLength": CURSOR_MAX}},
+                    request_id,
+                ],
+                "responses": {"200": answer("A page of deliveries.", "WebhookDeliveryList"),
+                              **_auth_errors(admin), "404": not_found,
+                              "422": _error("Bad status, limit or cursor.")},
+            },
+        },
+        "/v1/admin/webhook-deliveries/{delivery_id}/retry": {
+            "post": {
+                "operationId": "retryWebhookDelivery",
+                "summary": "Send a delivery again now",
+                "description": "A delivered or failed delivery gets one more attempt; a "
+                               "pending one has its next retry brought forward. Same "
+                               "`webhook-id` and body as before.",
+                "security": security,
+                "parameters": [{"name": "delivery_id", "in": "path", "required": True,
+                                "schema": {"type": "string"}}, request_id],
+                "responses": {"202": answer("Queued.", "WebhookDelivery"),
+                              **_auth_errors(admin),
+                              "404": _error("No delivery has that id. `error`: `not_found`."),
+                              "409": _error("The endpoint is disabled. `error`: "
+                                            "`endpoint_disabled`.")},
             },
         },
     }

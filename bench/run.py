@@ -38,6 +38,7 @@ from typing import Any
 import psycopg
 import redis
 
+from bench import events
 from bench.baseline import ACTOR as BASELINE_ACTOR
 from bench.loadgen import latency_summary
 from bench.stack import (
@@ -157,8 +158,8 @@ class Config:
         )
 
 
-PHASES = ("initiation", "http_floor", "baseline", "drain", "end_to_end", "stripe_shaped",
-          "webhook_burst", "hot_spot")
+PHASES = ("initiation", "http_floor", "baseline", "drain", "end_to_end", "events_out",
+          "stripe_shaped", "webhook_burst", "hot_spot")
 
 
 def _shape(text: str) -> tuple[int, int | None]:
@@ -809,6 +810,7 @@ class Bench:
             "baseline": lambda: self.baseline(shares["baseline"]),
             "drain": self.zero_latency_drain,
             "end_to_end": lambda: self.end_to_end(shares["e2e"]),
+            "events_out": lambda: events.run(self),  # refund events out: bench/events.py
             "stripe_shaped": self.stripe_shaped,
             "webhook_burst": lambda: self.webhook_burst(shares["burst"]),
             "hot_spot": self.hot_spot,

@@ -19,11 +19,13 @@ from kombu import Connection
 
 from shared.adapters.celery_app import (
     APPLY_STRIPE_EVENT_TASK,
+    DELIVER_WEBHOOK_TASK,
     PROCESS_REFUND_TASK,
     RECONCILE_QUEUE,
     RECONCILE_TASK,
     REFUNDS_QUEUE,
     STRIPE_EVENTS_QUEUE,
+    WEBHOOKS_QUEUE,
     _push_to_redis_list,
     _redis_list_client,
     enqueue_refund,
@@ -110,5 +112,6 @@ def test_reconcile_passes_have_a_queue_of_their_own_that_every_worker_reads() ->
             == STRIPE_EVENTS_QUEUE)
     # A worker started without -Q consumes every queue in task_queues.
     assert {q.name for q in app.conf.task_queues} == {
-        REFUNDS_QUEUE, RECONCILE_QUEUE, STRIPE_EVENTS_QUEUE
+        REFUNDS_QUEUE, RECONCILE_QUEUE, STRIPE_EVENTS_QUEUE, WEBHOOKS_QUEUE
     }
+    assert app.amqp.router.route({}, DELIVER_WEBHOOK_TASK)["queue"].name == WEBHOOKS_QUEUE

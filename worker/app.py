@@ -15,6 +15,7 @@ os.environ.setdefault("PGAPPNAME", f"refunds-{process_type()}")
 app = get_celery()
 
 import worker.tasks  # noqa: E402,F401 - registers the tasks on ``app``
+from worker import webhook_tasks  # noqa: E402,F401 - refund events out: task and dispatcher
 from worker.observability import install as install_observability  # noqa: E402
 
 install_observability(app)  # JSON logs and metrics through Celery signals

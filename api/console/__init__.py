@@ -290,3 +290,4 @@ def reconcile(refund_id: str) -> Any:
 
 # The approvals pages register their views on this blueprint.
 from api.console import approvals  # noqa: E402, F401
+from api.console import webhooks as _webhooks  # noqa: E402,F401 - its pages, on ``bp``

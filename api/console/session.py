@@ -34,6 +34,7 @@ class Operator:
     subject: str
     can_write: bool
     can_approve: bool = False  # REFUNDS_APPROVE_SCOPE: may decide on others' large refunds
+    can_admin: bool = False  # REFUNDS_ADMIN_SCOPE: may send webhook deliveries again
 
 
 class LoginRefused(Exception):
@@ -95,6 +96,7 @@ def sign_in(raw_token: str, settings: Settings) -> Operator:
     session["sub"] = operator.subject
     session["write"] = operator.can_write
     session["approve"] = operator.can_approve
+    session["admin"] = settings.refunds_admin_scope in caller.scopes
     session["exp"] = min(token_exp, int(time.time() + MAX_SESSION.total_seconds()))
     session[CSRF_FIELD] = secrets.token_urlsafe(32)
     return operator
@@ -113,6 +115,7 @@ def current_operator() -> Operator | None:
         subject=subject,
         can_write=bool(session.get("write")),
         can_approve=bool(session.get("approve")),
+        can_admin=bool(session.get("admin")),
     )
 
 

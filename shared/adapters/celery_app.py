@@ -37,6 +37,11 @@ STRIPE_EVENTS_QUEUE = "refunds.stripe_events"
 #: backlog of refunds (after an outage, exactly when it is needed). Every worker
 #: consumes both; kombu takes from them in turn.
 RECONCILE_QUEUE = "refunds.reconcile"
+#: Refund events out (SPEC 13): deliveries to subscribers' endpoints have a queue of
+#: their own, and the dispatcher bounds how many of them are in flight (see
+#: ``shared.services.webhook_delivery``), so waiting events never stand in front of refunds.
+DELIVER_WEBHOOK_TASK = "refunds.webhooks.deliver"
+WEBHOOKS_QUEUE = "refunds.webhooks"
 
 #: Longest retry countdown a task may schedule; visibility timeout must exceed it.
 MAX_RETRY_COUNTDOWN_SECONDS = 300
@@ -59,11 +64,12 @@ def make_celery() -> Celery:
         # and a queue of that name.
         task_queues=[
             Queue(name, Exchange(name), routing_key=name)
-            for name in (REFUNDS_QUEUE, RECONCILE_QUEUE, STRIPE_EVENTS_QUEUE)
+            for name in (REFUNDS_QUEUE, RECONCILE_QUEUE, STRIPE_EVENTS_QUEUE, WEBHOOKS_QUEUE)
         ],
         task_routes={
             RECONCILE_TASK: {"queue": RECONCILE_QUEUE},
             APPLY_STRIPE_EVENT_TASK: {"queue": STRIPE_EVENTS_QUEUE},
+            DELIVER_WEBHOOK_TASK: {"queue": WEBHOOKS_QUEUE},
         },
         task_soft_time_limit=TASK_TIME_LIMIT_SECONDS - 30,
         task_time_limit=TASK_TIME_LIMIT_SECONDS,
@@ -262,4 +268,21 @@ def enqueue_reconcile() -> bool:
         log.exception("enqueue of a reconcile pass failed")
         return False
     metrics.observe_task_published(RECONCILE_TASK)
+    return True
+
+
+def enqueue_webhook_delivery(delivery_id: str) -> bool:
+    """Ask a worker to attempt a webhook delivery. Call only after its lease is committed.
+
+    A failure loses nothing: the lease runs out and the dispatcher enqueues it again."""
+    try:
+        get_celery().send_task(
+            DELIVER_WEBHOOK_TASK, args=[delivery_id], queue=WEBHOOKS_QUEUE,
+            retry=True, retry_policy={"max_retries": 2},
+        )
+    except Exception:
+        log.exception("enqueue of a webhook delivery failed; it will be enqueued again",
+                      extra={"delivery_id": delivery_id})
+        return False
+    metrics.observe_task_published(DELIVER_WEBHOOK_TASK)
     return True

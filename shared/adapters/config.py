@@ -112,6 +112,38 @@ class Settings(BaseSettings):
     console_cookie_secure: bool = False  # set true wherever the console is served over HTTPS
     flower_url: str | None = None  # where operators open Flower, for links to tasks
 
+    # Refund events out (SPEC 13): signed webhooks to subscribers' endpoints.
+    refunds_admin_scope: str = "refunds:admin"
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    # Seconds to wait before each retry; after the last one a delivery is failed.
+    webhook_retry_schedule: str = "5,300,1800,7200,18000,36000,36000"
+    webhook_disable_after_seconds: float = Field(default=5 * 86400.0, gt=0)
+    # How often workers look for due retries and events not yet fanned out (besides
+    # the NOTIFY each status change sends).
+    webhook_dispatch_interval_seconds: float = Field(default=1.0, gt=0, le=60)
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _retry_schedule(cls, value: str) -> str:
+        try:
+            delays = [float(part) for part in value.split(",")]
+        except ValueError:
+            raise ValueError("must be comma-separated seconds, e.g. 5,300,1800") from None
+        if not all(0 < delay <= 7 * 86400 for delay in delays):
+            raise ValueError("each delay must be more than 0 and at most 604800 seconds")
+        return value
+
+    @property
+    def webhook_retry_delays(self) -> tuple[float, ...]:
+        return tuple(float(part) for part in self.webhook_retry_schedule.split(","))
+
+    @property
+    def is_production(self) -> bool:
+        """SPEC 8: APP_ENV=production, or a live Stripe key (``production.is_production``)."""
+        from shared.adapters.production import is_production
+
+        return is_production(self)
+
     # Four eyes for large refunds (SPEC 12). A refund at or above its currency's threshold
     # (APPROVAL_THRESHOLDS, e.g. "usd=50000,jpy=5000000", in the currency's smallest unit),
     # else APPROVAL_THRESHOLD_CENTS, waits for a second person. Neither set: off.
@@ -157,7 +189,9 @@ class Settings(BaseSettings):
     def _http_url(cls, value: str | None) -> str | None:
         return None if value is None else _checked_url(value, HTTP_SCHEMES)
 
-    @field_validator("refunds_write_scope", "refunds_read_scope", "refunds_approve_scope")
+    @field_validator(
+        "refunds_write_scope", "refunds_read_scope", "refunds_approve_scope", "refunds_admin_scope"
+    )
     @classmethod
     def _scope(cls, value: str) -> str:
         # A token's scopes are one space-separated claim: a scope is one non-empty word.

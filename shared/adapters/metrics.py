@@ -232,3 +232,27 @@ def start_worker_metrics_server(
         return False
     log.info("worker metrics on http://%s:%s/metrics", addr, port)
     return True
+
+
+
+# ------------------------------------------------------------- refund events out (SPEC 13)
+
+WEBHOOK_DELIVERIES = Counter(
+    "refunds_webhook_deliveries_total",
+    "Webhook delivery attempts by outcome: delivered, retry (will be tried again), failed "
+    "(the retry schedule is used up).",
+    ["outcome"],
+)
+WEBHOOK_ATTEMPT_LATENCY = Histogram(
+    "refunds_webhook_attempt_duration_seconds",
+    "Time one webhook delivery attempt took, from connect to the answer or the timeout.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+
+
+def observe_webhook_attempt(result: Any) -> None:
+    """One attempt of ``shared.services.webhook_delivery.deliver`` (its ``Outcome``)."""
+    if result.outcome == "skipped":
+        return
+    WEBHOOK_DELIVERIES.labels(result.outcome).inc()
+    WEBHOOK_ATTEMPT_LATENCY.observe(result.seconds)

@@ -19,6 +19,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    UniqueConstraint,
     func,
     text,
 )
@@ -202,3 +203,126 @@ class StripeEvent(Base):
             postgresql_where=text("applied_at IS NULL"),
         ),
     )
+
+
+# -- Refund events out (SPEC 13) -----------------------------------------------------
+# ``webhook_outbox`` is filled by a trigger on ``refund_events`` (migration 0014), in the
+# transaction that records the status change, so no change can commit without its event.
+
+WEBHOOK_DELIVERY_STATUSES = ("pending", "delivered", "failed")
+
+
+class WebhookEndpoint(Base):
+    """A subscriber's URL, the event types it wants and the secret its events are signed with."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    url: Mapped[str] = mapped_column(Text, nullable=False)
+    # ["*"] is every event type, including ones added later.
+    events: Mapped[list[str]] = mapped_column(JSONB, nullable=False)
+    description: Mapped[str | None] = mapped_column(Text)
+    enabled: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="true")
+    secret: Mapped[str] = mapped_column(String(100), nullable=False)
+    # After a rotation, events are signed with the old secret too until this time, so
+    # the subscriber can deploy the new one without a window of failed verifications.
+    previous_secret: Mapped[str | None] = mapped_column(String(100))
+    previous_secret_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+    # Since when every attempt to this endpoint has failed (None after a success).
+    failing_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _now_column()
+    updated_at: Mapped[datetime] = _now_column()
+
+
+class WebhookOutboxEvent(Base):
+    """One outbound event per status change: its id, type, order and the refund as it was."""
+
+    __tablename__ = "webhook_outbox"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # evt_…
+    refund_event_id: Mapped[int] = mapped_column(
+        ForeignKey("refund_events.id"), nullable=False, unique=True
+    )
+    refund_id: Mapped[str] = mapped_column(ForeignKey("refunds.id"), nullable=False, index=True)
+    type: Mapped[str] = mapped_column(String(60), nullable=False)
+    sequence: Mapped[int] = mapped_column(Integer, nullable=False)
+    previous_status: Mapped[str | None] = mapped_column(String(20))
+    # The refunds row as the change left it (to_jsonb of the row); the event body is
+    # built from it, so every retry sends the same body.
+    refund: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    created_at: Mapped[datetime] = _now_column()
+    fanned_out_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index(
+            "ix_webhook_outbox_not_fanned_out",
+            "created_at",
+            postgresql_where=text("fanned_out_at IS NULL"),
+        ),
+    )
+
+
+class WebhookDelivery(Base):
+    """One event for one endpoint: delivered at least once, or failed after the schedule."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # whd_…
+    endpoint_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), nullable=False
+    )
+    event_id: Mapped[str] = mapped_column(ForeignKey("webhook_outbox.id"), nullable=False,
+                                          index=True)
+    status: Mapped[str] = mapped_column(String(20), nullable=False, server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    # How many delays of WEBHOOK_RETRY_SCHEDULE are used up.
+    schedule_step: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Enqueued and not yet run (the dispatcher leaves it alone until then).
+    scheduled_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # An attempt is running (exclusive for a while longer than WEBHOOK_TIMEOUT_SECONDS).
+    attempting_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Who asked for the next attempt ("send again"), recorded with that attempt.
+    resend_requested_by: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = _now_column()
+    updated_at: Mapped[datetime] = _now_column()
+
+    __table_args__ = (
+        CheckConstraint("status IN ('pending','delivered','failed')", name="status_known"),
+        UniqueConstraint("endpoint_id", "event_id", name="uq_webhook_deliveries_endpoint_event"),
+        Index("ix_webhook_deliveries_endpoint_created", "endpoint_id", "created_at", "id"),
+        Index(
+            "ix_webhook_deliveries_due",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+        ),
+        # The console's "failing deliveries": newest failed attempt first.
+        Index(
+            "ix_webhook_deliveries_failing",
+            "last_attempt_at",
+            postgresql_where=text("status <> 'delivered' AND last_error IS NOT NULL"),
+        ),
+    )
+
+
+class WebhookDeliveryAttempt(Base):
+    """One try at sending a delivery: when, how long, the answer (body cut to 1 KB) or error."""
+
+    __tablename__ = "webhook_delivery_attempts"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    attempted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    duration_ms: Mapped[int] = mapped_column(Integer, nullable=False)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    response_body: Mapped[str | None] = mapped_column(Text)
+    requested_by: Mapped[str | None] = mapped_column(String(255))  # who asked for a resend

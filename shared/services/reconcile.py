@@ -43,6 +43,7 @@ from shared.services.approvals import expire_approvals
 from shared.services.refund_updates import apply_stripe_refund
 from shared.services.retention import delete_expired
 from shared.services.stripe_events import unapplied_event_ids
+from shared.services.webhook_delivery import dispatch_in_reconcile
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ def reconcile_once(
         polled, moved, errors = _poll_in_flight(gateway)
         events = _resend_unapplied_events()
         deleted = delete_expired()
+        webhooks_enqueued = dispatch_in_reconcile()  # refund events out (SPEC 13)
         with unit_of_work() as session:
             stuck = stuck_counts(session)
             stuck_ids = stuck_refund_ids(session, limit=STUCK_IDS_REPORTED)
@@ -90,6 +92,7 @@ def reconcile_once(
         "poll_errors": errors,
         "stripe_events_resent": events,
         **deleted,
+        "webhooks_enqueued": webhooks_enqueued,
         "stuck": total_stuck,
         "stuck_by_status": stuck,
         "stuck_refund_ids": stuck_ids,

@@ -37,6 +37,7 @@ def exposition(*, stuck_alert_seconds: float) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RefundStateCollector(stuck_alert_seconds))
     registry.register(AwaitingApprovalCollector())
+    registry.register(WebhookBacklogCollector())
     return generate_latest(registry)
 
 
@@ -155,3 +156,58 @@ class AwaitingApprovalCollector(Collector):
         waiting.add_metric([], row.n)
         oldest.add_metric([], float(row.oldest_age))
         yield from (waiting, oldest)
+
+
+_WEBHOOK_BACKLOG_QUERY = """
+SELECT e.id AS endpoint_id, e.enabled, count(d.id) AS pending,
+       coalesce(extract(epoch FROM now() - min(o.occurred_at)), 0) AS oldest_age
+FROM webhook_endpoints e
+LEFT JOIN webhook_deliveries d ON d.endpoint_id = e.id AND d.status = 'pending'
+LEFT JOIN webhook_outbox o ON o.id = d.event_id
+GROUP BY e.id, e.enabled
+"""
+_WEBHOOK_NOT_FANNED_QUERY = """
+SELECT count(*) AS n, coalesce(extract(epoch FROM now() - min(created_at)), 0) AS oldest_age
+FROM webhook_outbox WHERE fanned_out_at IS NULL
+"""
+
+
+class WebhookBacklogCollector(Collector):
+    """Per endpoint, at scrape time: undelivered events and the age of the oldest (the
+    alert: a subscriber that has not heard of a refund's change for that long)."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        pending = GaugeMetricFamily(
+            "refunds_webhook_pending_deliveries",
+            "Events not yet delivered to each endpoint (being retried).",
+            labels=["endpoint_id"],
+        )
+        oldest = GaugeMetricFamily(
+            "refunds_webhook_oldest_undelivered_age_seconds",
+            "Age of the oldest event not yet delivered to each endpoint; 0 when none.",
+            labels=["endpoint_id"],
+        )
+        enabled = GaugeMetricFamily(
+            "refunds_webhook_endpoint_enabled",
+            "1 for an enabled endpoint, 0 for one disabled (by an operator or after failing).",
+            labels=["endpoint_id"],
+        )
+        not_fanned = GaugeMetricFamily(
+            "refunds_webhook_outbox_oldest_not_fanned_out_age_seconds",
+            "Age of the oldest event not yet turned into deliveries; 0 when none.",
+        )
+        try:
+            with get_engine().connect() as conn:
+                conn.execute(text(f"SET LOCAL statement_timeout = {SCRAPE_QUERY_TIMEOUT_MS}"))
+                rows = conn.execute(text(_WEBHOOK_BACKLOG_QUERY)).all()
+                outbox = conn.execute(text(_WEBHOOK_NOT_FANNED_QUERY)).one()
+                conn.rollback()
+        except Exception as exc:
+            log.warning("webhook metrics unavailable: %s", type(exc).__name__)
+            return
+        for row in rows:
+            pending.add_metric([row.endpoint_id], row.pending)
+            oldest.add_metric([row.endpoint_id], float(row.oldest_age))
+            enabled.add_metric([row.endpoint_id], 1 if row.enabled else 0)
+        not_fanned.add_metric([], float(outbox.oldest_age))
+        yield from (pending, oldest, enabled, not_fanned)

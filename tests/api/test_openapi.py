@@ -63,6 +63,15 @@ SPEC_ENDPOINTS = {
     ("get", "/readyz"),
     ("get", "/metrics"),
     ("get", "/openapi.json"),
+    # SPEC 13: refund events out
+    ("post", "/v1/admin/webhook-endpoints"),
+    ("get", "/v1/admin/webhook-endpoints"),
+    ("get", "/v1/admin/webhook-endpoints/{endpoint_id}"),
+    ("patch", "/v1/admin/webhook-endpoints/{endpoint_id}"),
+    ("delete", "/v1/admin/webhook-endpoints/{endpoint_id}"),
+    ("get", "/v1/admin/webhook-endpoints/{endpoint_id}/deliveries"),
+    ("post", "/v1/admin/webhook-deliveries/{delivery_id}/retry"),
+    ("post", "/v1/admin/webhook-endpoints/{endpoint_id}/rotate-secret"),
 }
 
 

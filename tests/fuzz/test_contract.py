@@ -55,11 +55,22 @@ OPERATIONS = {
     "POST /v1/admin/refunds/{refund_id}/cancel",
     "POST /v1/webhooks/stripe", "GET /healthz", "GET /readyz", "GET /metrics",
     "GET /openapi.json",
+    # SPEC 13: refund events out
+    "POST /v1/admin/webhook-endpoints", "GET /v1/admin/webhook-endpoints",
+    "GET /v1/admin/webhook-endpoints/{endpoint_id}",
+    "PATCH /v1/admin/webhook-endpoints/{endpoint_id}",
+    "DELETE /v1/admin/webhook-endpoints/{endpoint_id}",
+    "GET /v1/admin/webhook-endpoints/{endpoint_id}/deliveries",
+    "POST /v1/admin/webhook-deliveries/{delivery_id}/retry",
+    "POST /v1/admin/webhook-endpoints/{endpoint_id}/rotate-secret",
 }
 #: Operations a request can break the schema of (a body, a bounded parameter, a token);
 #: the others take nothing but free-form string headers.
 BREAKABLE = OPERATIONS - {"GET /healthz", "GET /readyz", "GET /metrics", "GET /openapi.json"}
 REFUNDS = "/v1/admin/refunds"
+WEBHOOK_ENDPOINTS = "/v1/admin/webhook-endpoints"
+#: The token every fuzzed request carries: every scope an operation may need.
+SCOPES = ("refunds:read", "refunds:write", "refunds:approve", "refunds:admin")
 
 
 @schemathesis.check
@@ -89,7 +100,14 @@ def schema_valid_requests_pass_validation(
     body = json.loads(response.content)
     if body["error"] != "validation_error":
         return True  # a business rule (amount_exceeds_refundable, idempotency_key_reused)
-    assert case.path == REFUNDS and case.method == "GET" and body["message"].startswith(
+    if case.path.startswith(WEBHOOK_ENDPOINTS) and case.method in ("POST", "PATCH"):
+        # Where a URL points (https in production, never link-local or metadata
+        # addresses) is checked beyond what a schema can say.
+        assert body["message"].startswith("url:"), f"schema-valid request refused: {body}"
+        return True
+    lists = (case.path == REFUNDS
+             or case.path == f"{WEBHOOK_ENDPOINTS}/{{endpoint_id}}/deliveries")
+    assert lists and case.method == "GET" and body["message"].startswith(
         "cursor:"), f"schema-valid request refused: {body['message']}"
     return True
 
@@ -108,9 +126,10 @@ def plain_integers(case: Case) -> Case:
     """JSON Schema counts ``100.0`` as an integer; SPEC 3.1 does not (types are strict),
     and no JSON Schema keyword can say so. Clients write integers as integers."""
     if isinstance(case.body, dict):
-        value = case.body.get("amount_cents")
-        if isinstance(value, float) and value.is_integer():
-            case.body["amount_cents"] = int(value)
+        for name in ("amount_cents", "overlap_seconds"):
+            value = case.body.get(name)
+            if isinstance(value, float) and value.is_integer():
+                case.body[name] = int(value)
     return case
 
 
@@ -174,9 +193,9 @@ def test_operation_keeps_its_contract(
     if mode is GenerationMode.POSITIVE:
         checks.append(schema_valid_requests_pass_validation)
     # Every scope: approve and reject reach past 403 (the refunds' initiator is another
-    # caller, so a decision is taken, or refused as 409, as the refund's state says).
-    headers = auth(settings, sub="fuzzer@example.com",
-                   scopes=("refunds:read", "refunds:write", "refunds:approve"))
+    # caller, so a decision is taken, or refused as 409, as the refund's state says), and
+    # the webhook endpoints' operations too.
+    headers = auth(settings, sub="fuzzer@example.com", scopes=SCOPES)
     real = mode is GenerationMode.POSITIVE
     cases = st.builds(
         with_real_ids,
