@@ -26,6 +26,9 @@ TINY = {
     "BENCH_STRIPE_SECONDS": "1",
     "BENCH_WORKER_CONCURRENCY": "4",  # few Postgres connections: other suites share the server
     "BENCH_STRIPE_WORKERS": "1x4,2x2",
+    "BENCH_EVENTS_REFUNDS": "100",
+    "BENCH_WEBHOOK_EVENTS": "100",
+    "BENCH_WEBHOOK_RATE": "200",
 }
 
 
@@ -39,7 +42,7 @@ def test_bench_prints_every_figure_and_no_request_fails(tmp_path: Path) -> None:
     }
     run = subprocess.run(
         [sys.executable, "-m", "bench"], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=270, check=False,
+        timeout=420, check=False,
     )
     assert run.returncode == 0, run.stderr[-4000:]
     printed = json.loads(run.stdout)
@@ -74,6 +77,8 @@ def test_bench_prints_every_figure_and_no_request_fails(tmp_path: Path) -> None:
         assert drain["stripe_refunds_created"] == drain["refunds"]
         assert {"refunds_per_s", "steady_refunds_per_s", "emulator_429s"} <= drain.keys()
         assert {"start", "end", "max"} <= drain["worker_rss_mb"].keys()
+        assert drain["worker_cpu_ms_per_refund"] > 0
+        assert 0 < drain["peak_worker_db_connections"] <= 10
 
     e2e = printed["end_to_end"]
     assert e2e["samples"] == 5 and e2e["statuses"] == {"succeeded": 5}
@@ -84,3 +89,8 @@ def test_bench_prints_every_figure_and_no_request_fails(tmp_path: Path) -> None:
 
     assert {"web", "worker", "emulator"} <= printed["peak_rss_mb"].keys()
     assert printed["targets"] and all(isinstance(v, bool) for v in printed["targets"].values())
+
+    burst = printed["webhook_burst"]
+    assert burst["webhooks"]["ok"] == 100 and burst["webhooks"]["errors"] == 0
+    assert burst["initiation_during_burst"]["errors"] == 0
+    assert burst["initiation_p99_ratio"] > 0

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from shared.adapters import metrics
 from shared.domain.models import WebhookDelivery
-from shared.services import webhook_delivery
+from shared.services import refund_gauges, webhook_delivery
 from tests.events.conftest import Receiver, make_endpoint, make_refund
 
 
@@ -32,7 +32,7 @@ def test_outcomes_latency_and_oldest_undelivered_age(edb: Session, receiver: Rec
     assert sample("refunds_webhook_deliveries_total", {"outcome": "retry"}) == retries + 1
     assert sample("refunds_webhook_attempt_duration_seconds_count") == timed + 1
 
-    text = metrics.exposition(stuck_alert_seconds=3600).decode()
+    text = refund_gauges.exposition(stuck_alert_seconds=3600).decode()
     label = f'endpoint_id="{endpoint.id}"'
     pending = re.search(rf"refunds_webhook_pending_deliveries\{{{label}\}} (\S+)", text)
     oldest = re.search(rf"refunds_webhook_oldest_undelivered_age_seconds\{{{label}\}} (\S+)",
@@ -47,5 +47,5 @@ def test_outcomes_latency_and_oldest_undelivered_age(edb: Session, receiver: Rec
     delivered = sample("refunds_webhook_deliveries_total", {"outcome": "delivered"})
     webhook_delivery.deliver(delivery_id, observe=metrics.observe_webhook_attempt)
     assert sample("refunds_webhook_deliveries_total", {"outcome": "delivered"}) == delivered + 1
-    text = metrics.exposition(stuck_alert_seconds=3600).decode()
+    text = refund_gauges.exposition(stuck_alert_seconds=3600).decode()
     assert f"refunds_webhook_oldest_undelivered_age_seconds{{{label}}} 0.0" in text
