@@ -26,6 +26,7 @@ import math
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -882,6 +883,9 @@ class Bench:
 
 
 def main() -> int:
+    # Stopped from outside (a timeout, `kill`): end as with Ctrl-C, through the cleanup
+    # below, or the stack's processes (each in a session of its own) would outlive it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     config = Config.from_env()
     keep = os.environ.get("BENCH_KEEP", "") not in ("", "0") or config.profile
     (ROOT / ".bench").mkdir(exist_ok=True)
