@@ -258,7 +258,10 @@ def receive_event(*, session: Session, event: Mapping[str, Any]) -> str:
 def _storable(value: Any) -> Any:
     """The event's object as Postgres' jsonb can keep it: a string holding NUL (no Stripe
     field does; jsonb refuses them) is dropped. The worker then finds the snapshot
-    untrusted and reads the object from Stripe, by its id (which verify_event checked)."""
+    untrusted and reads the object from Stripe, by its id (which verify_event checked).
+    The SDK's objects left inside lists (``to_dict`` stops at them) become plain dicts."""
+    if not isinstance(value, (Mapping, list, str)) and callable(getattr(value, "to_dict", None)):
+        value = value.to_dict()
     if isinstance(value, Mapping):
         return {str(k): _storable(v) for k, v in value.items() if "\x00" not in str(k)}
     if isinstance(value, list):

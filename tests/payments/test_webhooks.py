@@ -414,3 +414,19 @@ def test_sync_running_alongside_live_webhooks_stores_each_payment_once(
     assert sorted(tuple(r) for r in rows) == sorted(
         (pi.id, "succeeded", pi.amount, pi.latest_charge) for pi in made
     )
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [{"refunds": [[{}]]}, {"refunds": [{"data": [{"id": "re_x"}]}]}, {"note": "nul\x00here"}],
+    ids=["objects-in-nested-lists", "objects-in-a-list", "a-nul-in-a-string"],
+)
+def test_an_event_whose_object_jsonb_cannot_take_as_it_came_is_stored_not_a_500(
+    stack: Stack, db: Session, obj: dict[str, Any]
+) -> None:
+    """Found by the webhook fuzzing: the event's object is stored for the worker, and a
+    signed body may carry shapes Stripe never sends."""
+    body = event("charge.captured", {"id": f"ch_odd_{uuid.uuid4().hex[:12]}", **obj})
+    answer = deliver(stack, body)
+    assert answer.status_code == 200, answer.text
+    assert db.get(StripeEvent, body["id"]) is not None
