@@ -11,6 +11,7 @@ move a refund backwards. The reconciler sends again any event stored but not app
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping
 from datetime import timedelta
@@ -54,9 +55,12 @@ def verify_event(payload: bytes, signature: str | None, secret: str) -> dict[str
     if not signature:
         raise InvalidSignature("The Stripe-Signature header is missing.")
     try:
-        event = stripe.Webhook.construct_event(
+        stripe.Webhook.construct_event(
             payload, signature, secret, tolerance=SIGNATURE_TOLERANCE_SECONDS
-        ).to_dict()
+        )
+        # The body as JSON, not the SDK's object: its to_dict() leaves the objects inside
+        # lists as SDK objects, which nothing downstream (storing the event) can encode.
+        event = json.loads(payload)
     except stripe.SignatureVerificationError as exc:
         raise InvalidSignature(
             "The Stripe-Signature header does not match this body and the webhook secret, "
@@ -64,6 +68,8 @@ def verify_event(payload: bytes, signature: str | None, secret: str) -> dict[str
         ) from exc
     except (ValueError, TypeError, AttributeError) as exc:  # not UTF-8 JSON, or not an object
         raise InvalidPayload("The body is not a Stripe event (a JSON object).") from exc
+    if not isinstance(event, dict):
+        raise InvalidPayload("The body is not a Stripe event (a JSON object).")
     event_id, event_type = event.get("id"), event.get("type")
     data = event.get("data")
     if not _is_name(event_id, EVENT_ID_MAX):
@@ -258,10 +264,7 @@ def receive_event(*, session: Session, event: Mapping[str, Any]) -> str:
 def _storable(value: Any) -> Any:
     """The event's object as Postgres' jsonb can keep it: a string holding NUL (no Stripe
     field does; jsonb refuses them) is dropped. The worker then finds the snapshot
-    untrusted and reads the object from Stripe, by its id (which verify_event checked).
-    The SDK's objects left inside lists (``to_dict`` stops at them) become plain dicts."""
-    if not isinstance(value, (Mapping, list, str)) and callable(getattr(value, "to_dict", None)):
-        value = value.to_dict()
+    untrusted and reads the object from Stripe, by its id (which verify_event checked)."""
     if isinstance(value, Mapping):
         return {str(k): _storable(v) for k, v in value.items() if "\x00" not in str(k)}
     if isinstance(value, list):
