@@ -75,7 +75,7 @@ def _stop_dispatcher(**_: Any) -> None:
 
 def dispatch_forever() -> None:
     settings = get_settings()
-    conninfo = settings.sqlalchemy_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    conninfo = settings.libpq_url
     interval = settings.webhook_dispatch_interval_seconds
     while not _stop.is_set():
         try:

@@ -275,14 +275,4 @@ def enqueue_webhook_delivery(delivery_id: str) -> bool:
     """Ask a worker to attempt a webhook delivery. Call only after its lease is committed.
 
     A failure loses nothing: the lease runs out and the dispatcher enqueues it again."""
-    try:
-        get_celery().send_task(
-            DELIVER_WEBHOOK_TASK, args=[delivery_id], queue=WEBHOOKS_QUEUE,
-            retry=True, retry_policy={"max_retries": 2},
-        )
-    except Exception:
-        log.exception("enqueue of a webhook delivery failed; it will be enqueued again",
-                      extra={"delivery_id": delivery_id})
-        return False
-    metrics.observe_task_published(DELIVER_WEBHOOK_TASK)
-    return True
+    return _enqueue(DELIVER_WEBHOOK_TASK, WEBHOOKS_QUEUE, delivery_id, delivery_id=delivery_id)

@@ -56,6 +56,8 @@ class RefundStatus(enum.StrEnum):
 #: Refunds in these states do not count against what is left on a payment.
 RELEASED_STATUSES = (RefundStatus.FAILED, RefundStatus.CANCELED)
 TERMINAL_STATUSES = (RefundStatus.SUCCEEDED, RefundStatus.FAILED, RefundStatus.CANCELED)
+#: Refunds in these states are still on their way (the pipeline's, not a person's, to finish).
+OPEN_STATUSES = (RefundStatus.PENDING, RefundStatus.PROCESSING, RefundStatus.REQUIRES_ACTION)
 
 
 class Decision(enum.StrEnum):

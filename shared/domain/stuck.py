@@ -22,9 +22,7 @@ from typing import Any
 from sqlalchemy import Connection, func, select
 from sqlalchemy.orm import Session
 
-from shared.domain.models import Refund, RefundEvent, RefundStatus
-
-OPEN_STATUSES = (RefundStatus.PENDING, RefundStatus.PROCESSING, RefundStatus.REQUIRES_ACTION)
+from shared.domain.models import OPEN_STATUSES, Refund, RefundEvent
 
 
 def last_progress_at(refund_id: Any = None, status: Any = None, created_at: Any = None) -> Any:

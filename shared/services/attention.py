@@ -19,13 +19,12 @@ from sqlalchemy import Connection, func, select, update
 from sqlalchemy.orm import Session
 
 from shared.adapters.config import get_settings
-from shared.domain.models import Refund, RefundStatus
+from shared.domain.models import OPEN_STATUSES, Refund, RefundStatus
 from shared.services.transitions import record_event
 
 log = logging.getLogger(__name__)
 
 ACTOR = "worker"
-OPEN_STATUSES = (RefundStatus.PENDING, RefundStatus.PROCESSING, RefundStatus.REQUIRES_ACTION)
 
 
 def mark_held(session: Session, refund_id: str, attempts: int, error: str) -> bool:

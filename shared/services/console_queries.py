@@ -24,6 +24,7 @@ from shared.adapters.celery_app import (
 )
 from shared.domain.errors import NotFound, RefundServiceError
 from shared.domain.models import (
+    OPEN_STATUSES,
     RELEASED_STATUSES,
     TERMINAL_STATUSES,
     Charge,
@@ -38,7 +39,6 @@ from shared.services.refunds import could_be_refund_id, page_of_refunds
 from shared.services.transitions import record_event
 
 S = RefundStatus
-OPEN_STATUSES = (S.PENDING, S.PROCESSING, S.REQUIRES_ACTION)
 ALL_STATUSES = tuple(RefundStatus)
 
 CHART_MINUTES = 60
