@@ -41,15 +41,9 @@ from prometheus_client.exposition import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from shared.domain import models
-
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-OPEN_STATUSES = tuple(str(s) for s in models.OPEN_STATUSES)
-ALL_STATUSES = (*OPEN_STATUSES, *(str(s) for s in models.TERMINAL_STATUSES))
-RECENT_WINDOW_SECONDS = 24 * 3600
-SCRAPE_QUERY_TIMEOUT_MS = 2000
 
 HTTP_REQUESTS = Counter(
     "refunds_http_requests_total",

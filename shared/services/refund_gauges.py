@@ -20,16 +20,15 @@ from prometheus_client.registry import Collector
 from sqlalchemy import text
 
 from shared.adapters.db import get_engine
-from shared.adapters.metrics import (
-    ALL_STATUSES,
-    OPEN_STATUSES,
-    RECENT_WINDOW_SECONDS,
-    SCRAPE_QUERY_TIMEOUT_MS,
-)
+from shared.domain.models import OPEN_STATUSES, TERMINAL_STATUSES
 from shared.domain.stuck import stuck_counts
 from shared.services.attention import needs_attention_counts
 
 log = logging.getLogger(__name__)
+
+ALL_STATUSES = (*OPEN_STATUSES, *TERMINAL_STATUSES)
+RECENT_WINDOW_SECONDS = 24 * 3600
+SCRAPE_QUERY_TIMEOUT_MS = 2000
 
 
 def exposition(*, stuck_alert_seconds: float) -> bytes:
