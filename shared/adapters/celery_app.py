@@ -94,6 +94,9 @@ def make_celery() -> Celery:
             # Redis redelivers unacked messages after this; it must exceed the longest
             # countdown and time limit or one task could run twice at once.
             "visibility_timeout": 3 * (MAX_RETRY_COUNTDOWN_SECONDS + TASK_TIME_LIMIT_SECONDS),
+            # No task is sent with a priority: one Redis list per queue, not four (the
+            # worker's BRPOP names 4 keys instead of 16 each time it waits for a task).
+            "priority_steps": [0],
         },
         beat_schedule={
             "reconcile-stuck-refunds": {

@@ -204,6 +204,12 @@ class StripeEvent(Base):
             "received_at",
             postgresql_where=text("applied_at IS NULL"),
         ),
+        # The waiting events about one Stripe object (stripe_events._mark_superseded).
+        Index(
+            "ix_stripe_events_unapplied_object",
+            text("(payload->>'id')"),
+            postgresql_where=text("applied_at IS NULL"),
+        ),
     )
 
 

@@ -285,7 +285,9 @@ def apply_stored_event(event_id: str, *, gateway: StripeGateway) -> str:
     the event is then applied and marked in one transaction, under its row lock."""
     with unit_of_work() as session:
         row = session.execute(
-            select(StripeEvent.type, StripeEvent.payload, StripeEvent.applied_at)
+            # now(): a moment before Stripe is asked (see _mark_superseded).
+            select(StripeEvent.type, StripeEvent.payload, StripeEvent.applied_at,
+                   func.now().label("asked_after"))
             .where(StripeEvent.id == event_id)
         ).first()
     if row is None or row.applied_at is not None:
@@ -307,9 +309,46 @@ def apply_stored_event(event_id: str, *, gateway: StripeGateway) -> str:
         if handler is not None:
             handler(session, row.payload or {}, fetched)  # type: ignore[arg-type]
         _mark_applied(session, event_id)
+        superseded = (
+            _mark_superseded(session, handler, row.payload or {}, row.asked_after)
+            if handler in ALWAYS_NEED_STRIPE else 0
+        )
         session.commit()
-    log.info("stripe event %s %s: processed", event_id, row.type)
+    log.info("stripe event %s %s: processed", event_id, row.type,
+             extra={"superseded_events": superseded})
     return "processed"
+
+
+# Unapplied events of these types about this object, stored before ``asked_after``.
+# SKIP LOCKED: an event another worker is applying right now is left to it (and no two
+# workers wait on each other's events).
+_SUPERSEDED_SQL = """
+UPDATE stripe_events SET applied_at = now(), payload = NULL
+WHERE id IN (
+    SELECT id FROM stripe_events
+    WHERE applied_at IS NULL AND payload->>'id' = %(object_id)s
+      AND type = ANY(%(types)s) AND received_at <= %(asked_after)s
+    FOR UPDATE SKIP LOCKED
+)
+"""
+
+
+def _mark_superseded(
+    session: Session, handler: Handler, obj: Mapping[str, Any], asked_after: Any
+) -> int:
+    """Mark applied the other events that the answer just applied covers; how many.
+
+    These handlers apply what Stripe says about the object now, whatever the event says,
+    and Stripe sends several events about one refund (``refund.created``,
+    ``refund.updated``, ``charge.refund.updated``...). Any of them stored before Stripe
+    was asked was sent before it, so Stripe's answer is at least as new: applying it
+    again would change nothing, and would spend a request of Stripe's rate limit (which
+    refunds need) on each. Events stored later are applied on their own."""
+    types = [name for name, h in HANDLERS.items() if h is handler]
+    cursor = driver_cursor(session).execute(_SUPERSEDED_SQL, {
+        "object_id": str(obj.get("id")), "types": types, "asked_after": asked_after,
+    })
+    return cursor.rowcount
 
 
 class _Prefetched:

@@ -18,7 +18,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.adapters.config import Settings
+from shared.adapters.db import unit_of_work
+from shared.adapters.stripe_gateway import StripeGateway
 from shared.domain.models import Charge, Payment, Refund, StripeEvent
+from shared.services import stripe_events
 from tests.payments.conftest import Stack
 from tests.support import BIN, ROOT, auth, table_counts
 
@@ -347,6 +350,46 @@ def applied(db: Session, event_id: str) -> bool:
     db.expire_all()
     stored = db.get(StripeEvent, event_id)
     return stored is not None and stored.applied_at is not None
+
+
+def test_refund_events_waiting_when_stripe_is_asked_are_all_applied_by_its_answer(
+    stack: Stack, db: Session, settings: Settings
+) -> None:
+    """Stripe sends several events about one refund: the worker that fetches it applies
+    every one stored before it asked, so a burst costs one Stripe request per refund,
+    not one per event. Another refund's event waits for its own fetch."""
+    _, charge_id = paid(stack, db, amount=900)
+    stack.admin.config(webhook_url=None)
+    try:
+        client = stack.stripe()
+        refund = client.v1.refunds.create({"charge": charge_id, "amount": 300})
+        other = client.v1.refunds.create({"charge": charge_id, "amount": 100})
+        about_refund = [event(kind, {"id": refund.id, "object": "refund"})
+                        for kind in ("refund.created", "refund.updated", "charge.refund.updated")]
+        about_other = event("refund.created", {"id": other.id, "object": "refund"})
+        for body in [*about_refund, about_other]:  # stored as the endpoint stores them
+            with unit_of_work() as session:
+                assert stripe_events.receive_event(session=session, event=body) == "deferred"
+        gateway = StripeGateway(settings.model_copy(
+            update={"stripe_api_base": stack.emulator.url}), throttle=lambda: None)
+        stack.admin.reset_stats()
+
+        applied_by = stripe_events.apply_stored_event(about_refund[1]["id"], gateway=gateway)
+
+        assert applied_by == "processed"
+        assert [applied(db, b["id"]) for b in [*about_refund, about_other]] == [
+            True, True, True, False]
+        assert sum(stack.admin.stats()["requests"].values()) == 1
+        for body in about_refund:  # their own tasks, when they come, find nothing to do
+            assert stripe_events.apply_stored_event(body["id"], gateway=gateway) == (
+                "already_applied")
+        assert sum(stack.admin.stats()["requests"].values()) == 1
+        assert stripe_events.apply_stored_event(about_other["id"], gateway=gateway) == (
+            "processed")
+        assert refunds_of(db, charge_id) == [(refund.id, "stripe", 300, "succeeded"),
+                                             (other.id, "stripe", 100, "succeeded")]
+    finally:
+        stack.admin.config(webhook_url=stack.webhook_url)
 
 
 def test_events_about_payments_never_seen_bring_the_payment_in_from_stripe(
