@@ -761,8 +761,12 @@ class Bench:
         events_file = self.write_lines("burst-events.txt", events)
         self.start_workers(1, None, STRIPE_MAX_RPS="100")
         try:
-            alone = self.loadgen(alone_file, c.burst_refund_connections, duration=c.seconds)
+            # The same conditions with and without the burst: Stripe 1 s away, the worker
+            # started and busy with the refunds being made (a short unmeasured run first,
+            # so its start-up is in neither figure).
             self.admin.faults(latency_ms=c.webhook_stripe_latency_ms)
+            self.loadgen(alone_file, c.burst_refund_connections, duration=c.warmup_seconds + 1)
+            alone = self.loadgen(alone_file, c.burst_refund_connections, duration=c.seconds)
             with ThreadPoolExecutor(1) as pool:
                 burst = pool.submit(self.loadgen, alone_file, c.webhook_connections,
                                     requests=c.webhook_events, rate=c.webhook_rate,
