@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 from flask import Blueprint, Response, g, jsonify, request
@@ -11,7 +12,7 @@ from api.auth import require_scope
 from api.errors import ApiError
 from api.schemas import RefundCreate, RefundListQuery, describe
 from shared.adapters.celery_app import enqueue_refund
-from shared.adapters.db import unit_of_work
+from shared.adapters.db import in_transaction, unit_of_work
 from shared.domain.models import RefundStatus
 from shared.services import refunds
 from shared.services.idempotency import request_fingerprint
@@ -68,18 +69,17 @@ def _idempotency_key() -> str | None:
 def create_refund() -> Response:
     body = _parse_body()
     key = _idempotency_key()
-    with unit_of_work() as session:
-        result = refunds.initiate_refund(
-            session=session,
-            request=refunds.RefundRequest(
-                charge_id=body.charge_id,
-                amount_cents=body.amount_cents,
-                reason=body.reason,
-            ),
-            initiated_by=g.caller.subject,
-            idempotency_key=key,
-            fingerprint=request_fingerprint(body.model_dump()),
-        )
+    result = in_transaction(functools.partial(
+        refunds.initiate_refund,
+        request=refunds.RefundRequest(
+            charge_id=body.charge_id,
+            amount_cents=body.amount_cents,
+            reason=body.reason,
+        ),
+        initiated_by=g.caller.subject,
+        idempotency_key=key,
+        fingerprint=request_fingerprint(body.model_dump()),
+    ))
     g.refund_id = result.refund_id  # for the request's log line
     # A refund awaiting approval is enqueued when it is approved (api/approvals.py).
     if not result.replayed and result.body["status"] == RefundStatus.PENDING:

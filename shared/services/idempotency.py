@@ -11,10 +11,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
+from psycopg.rows import namedtuple_row
 from psycopg.types.json import Jsonb
-from sqlalchemy.orm import Session
 
-from shared.adapters.db import driver_cursor
 from shared.domain.errors import IdempotencyKeyReused
 
 KEY_TTL_HOURS = 24
@@ -31,8 +31,8 @@ def request_fingerprint(body: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-# Plain SQL on the session's psycopg connection, like the rest of the refund's
-# transaction (``shared.services.refunds``): careful callers send a key with every POST.
+# Plain SQL on the refund's own psycopg connection, in its transaction
+# (``shared.services.refunds``): careful callers send a key with every POST.
 _CLAIM = """
     INSERT INTO idempotency_records (subject, key, request_hash)
     VALUES (%(subject)s, %(key)s, %(hash)s)
@@ -52,12 +52,14 @@ _STORE = (
 )
 
 
-def claim(session: Session, *, subject: str, key: str, fingerprint: str) -> StoredResponse | None:
+def claim(
+    connection: psycopg.Connection[Any], *, subject: str, key: str, fingerprint: str
+) -> StoredResponse | None:
     """Claim ``key`` for this request, or return the answer stored under it.
 
     Raises IdempotencyKeyReused when the key was used with another body."""
     params = {"subject": subject, "key": key, "hash": fingerprint, "ttl": KEY_TTL_HOURS}
-    cursor = driver_cursor(session)
+    cursor = connection.cursor(row_factory=namedtuple_row)
     if cursor.execute(_CLAIM, params).fetchone() is not None:
         return None
     row = cursor.execute(_READ, params).fetchone()
@@ -70,8 +72,10 @@ def claim(session: Session, *, subject: str, key: str, fingerprint: str) -> Stor
     return StoredResponse(status=row.response_status, body=row.response_body)
 
 
-def store(session: Session, *, subject: str, key: str, response: StoredResponse) -> None:
-    driver_cursor(session).execute(
+def store(
+    connection: psycopg.Connection[Any], *, subject: str, key: str, response: StoredResponse
+) -> None:
+    connection.execute(
         _STORE,
         {"status": response.status, "body": Jsonb(response.body), "subject": subject, "key": key},
     )

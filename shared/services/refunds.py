@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from psycopg import Cursor
+import psycopg
+from psycopg.rows import namedtuple_row
 from psycopg.types.json import Jsonb
 from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
 from shared.adapters.config import get_settings
-from shared.adapters.db import driver_cursor
+from shared.adapters.db import commit
 from shared.domain.errors import ChargeDisputed, NotFound, PaymentNotSucceeded
 from shared.domain.models import Refund, RefundEvent, RefundStatus, new_id
 from shared.domain.rules import amount_to_refund, refundable_left
@@ -48,14 +49,14 @@ def stripe_idempotency_key(refund_id: str) -> str:
 
 
 def initiate_refund(
+    connection: psycopg.Connection[Any],
     *,
-    session: Session,
     request: RefundRequest,
     initiated_by: str,
     idempotency_key: str | None,
     fingerprint: str,
 ) -> Initiated:
-    """Record a pending refund in one transaction and commit it.
+    """Record a pending refund in one transaction on ``connection`` and commit it.
 
     A refund at or above the approval threshold of its currency is recorded
     ``awaiting_approval`` instead (SPEC 12): it holds its amount but is not sent until a
@@ -63,10 +64,14 @@ def initiate_refund(
     after this returns (never before the commit), and never one awaiting approval.
     Raises a ``RefundServiceError`` for every rejected request; nothing is
     written then.
+
+    Two round trips in pipeline mode (``shared.adapters.db.in_transaction``): the lock
+    with the read of the payment's refunds, then the insert with the commit (one more
+    for an Idempotency-Key).
     """
     if idempotency_key is not None:
         stored = idempotency.claim(
-            session, subject=initiated_by, key=idempotency_key, fingerprint=fingerprint
+            connection, subject=initiated_by, key=idempotency_key, fingerprint=fingerprint
         )
         if stored is not None:
             # JSONB does not keep key order: put the fields back in the published order so
@@ -74,8 +79,7 @@ def initiate_refund(
             body = {name: stored.body[name] for name in INITIATED_FIELDS if name in stored.body}
             return Initiated(status=stored.status, body=body, replayed=True)
 
-    cursor = driver_cursor(session)
-    payment = _lock_payment(cursor, request.charge_id)
+    payment, existing = _lock_payment(connection, request.charge_id)
     charge_unsettled = payment.charge_id is not None and payment.charge_status != "succeeded"
     if payment.status != "succeeded" or charge_unsettled:
         state = payment.charge_status if charge_unsettled else payment.status
@@ -86,10 +90,8 @@ def initiate_refund(
         raise ChargeDisputed(
             "The charge is disputed; money is returned through the dispute, not a refund."
         )
-    # Every refund of the payment, pending ones included, read under the payment's lock
-    # (a statement of its own, so that it sees refunds committed while this one waited
-    # for the lock): the rules in ``shared.domain.rules`` decide what is left, in one place.
-    existing = cursor.execute(_REFUNDS_OF_PAYMENT, {"payment_id": payment.id}).fetchall()
+    # The rules in ``shared.domain.rules`` decide what is left, in one place, from every
+    # refund of the payment (pending ones included) read under the payment's lock.
     amount = amount_to_refund(
         left=refundable_left(payment.amount, existing),
         amount_cents=request.amount_cents,
@@ -106,7 +108,7 @@ def initiate_refund(
         detail["approval_threshold"] = threshold
 
     refund_id = new_id("rf")
-    cursor.execute(
+    connection.execute(
         _INSERT_REFUND,
         {
             "id": refund_id,
@@ -132,19 +134,19 @@ def initiate_refund(
     )
     if idempotency_key is not None:
         idempotency.store(
-            session,
+            connection,
             subject=initiated_by,
             key=idempotency_key,
             response=idempotency.StoredResponse(status=201, body=body),
         )
-    session.commit()
+    commit(connection)  # the insert (and the key's answer) go with the COMMIT
     return Initiated(status=201, body=body, replayed=False)
 
 
-# The hot path is plain SQL on the session's own psycopg connection (same transaction):
-# every POST runs it, and the ORM, then SQLAlchemy's per-statement machinery, cost more
-# CPU than the database work itself (make bench). Column names are checked against the
-# models by every test that creates a refund.
+# The hot path is plain SQL on a psycopg connection of its own: every POST runs it, and
+# the ORM, then SQLAlchemy's per-statement machinery, cost more CPU than the database
+# work itself (make bench). Column names are checked against the models by every test
+# that creates a refund.
 
 # The payment a request names, locked for the rest of the transaction, with the charge
 # the refund will be made against. ``:ref`` is tried as a Stripe charge id first (one
@@ -168,7 +170,18 @@ _LOCK_BY_PAYMENT = """
     WHERE p.stripe_payment_intent_id = %(ref)s OR p.id = %(ref)s
     FOR UPDATE OF p
 """
-_REFUNDS_OF_PAYMENT = "SELECT amount, status FROM refunds WHERE payment_id = %(payment_id)s"
+# Every refund of the payment, as a statement of its own after the lock: in READ
+# COMMITTED it takes its snapshot once the lock is granted, so it sees the refunds of
+# the transactions this one waited for. Sent with the lock, in the same round trip.
+_REFUNDS_OF_CHARGE = """
+    SELECT amount, status FROM refunds
+    WHERE payment_id = (SELECT payment_id FROM charges WHERE id = %(ref)s)
+"""
+_REFUNDS_OF_PAYMENT = """
+    SELECT amount, status FROM refunds
+    WHERE payment_id IN (SELECT id FROM payments
+                         WHERE stripe_payment_intent_id = %(ref)s OR id = %(ref)s)
+"""
 # The refund (pending, or awaiting approval) and its first audit event in one statement
 # (one round trip).
 _INSERT_REFUND = """
@@ -184,14 +197,20 @@ _INSERT_REFUND = """
 """
 
 
-def _lock_payment(cursor: Cursor[Any], ref: str) -> Any:
-    """Find the payment a request names and lock its row for the rest of the transaction."""
-    payment = cursor.execute(_LOCK_BY_CHARGE, {"ref": ref}).fetchone()
-    if payment is None:
-        payment = cursor.execute(_LOCK_BY_PAYMENT, {"ref": ref}).fetchone()
-    if payment is None:
-        raise NotFound(f"No charge or payment has the id '{ref[:80]}'.")
-    return payment
+def _lock_payment(
+    connection: psycopg.Connection[Any], ref: str
+) -> tuple[Any, list[tuple[int, str]]]:
+    """Find the payment a request names, lock its row for the rest of the transaction,
+    and read its refunds under that lock."""
+    for lock, refunds_of in ((_LOCK_BY_CHARGE, _REFUNDS_OF_CHARGE),
+                             (_LOCK_BY_PAYMENT, _REFUNDS_OF_PAYMENT)):
+        locked = connection.cursor(row_factory=namedtuple_row).execute(lock, {"ref": ref})
+        held = connection.cursor().execute(refunds_of, {"ref": ref})
+        payment = locked.fetchone()
+        existing = held.fetchall()
+        if payment is not None:
+            return payment, existing
+    raise NotFound(f"No charge or payment has the id '{ref[:80]}'.")
 
 
 INITIATED_FIELDS = (

@@ -10,10 +10,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from shared.adapters.config import get_settings
 from shared.domain.models import Refund
 from shared.services.refunds import RefundRequest, initiate_refund
 from tests.console.conftest import (
@@ -72,13 +74,14 @@ def status_of(db: Session, refund_id: str) -> str | None:
 
 def initiate(db: Session, charge_id: str, amount: int) -> str:
     """A pending refund recorded as the API records it, but never enqueued."""
-    return initiate_refund(
-        session=db,
-        request=RefundRequest(charge_id=charge_id, amount_cents=amount, reason=None),
-        initiated_by="support@example.com",
-        idempotency_key=None,
-        fingerprint="",
-    ).refund_id
+    with psycopg.connect(get_settings().libpq_url) as connection:
+        return initiate_refund(
+            connection,
+            request=RefundRequest(charge_id=charge_id, amount_cents=amount, reason=None),
+            initiated_by="support@example.com",
+            idempotency_key=None,
+            fingerprint="",
+        ).refund_id
 
 
 def stuck_refund(stack: Stack, db: Session, *, amount: int = 1_500) -> str:
