@@ -67,6 +67,8 @@ def get_pool() -> ConnectionPool[psycopg.Connection[Any]]:
     pool.open(wait=False)
     return pool
 T = TypeVar("T")
+#: pg_stat_activity.application_name of the hot path's connections.
+WEB_APPLICATION_NAME = "refunds-web"
 
 
 @functools.cache
@@ -85,7 +87,7 @@ def get_transaction_pool() -> ConnectionPool[psycopg.Connection[Any]]:
         settings.libpq_url,
         min_size=1,
         max_size=settings.web_threads,
-        kwargs={"options": CONNECTION_OPTIONS},
+        kwargs={"options": CONNECTION_OPTIONS, "application_name": WEB_APPLICATION_NAME},
         # Each thread holds at most one, so a checkout only waits when Postgres cannot be
         # reached: answer 503 well before a caller gives up.
         timeout=5,
@@ -102,8 +104,9 @@ def in_transaction(work: Callable[[psycopg.Connection[Any]], T]) -> T:
     ``work`` commits with ``commit``; anything it leaves is rolled back.
 
     A connection found dead before the commit was sent recorded nothing (Postgres rolls
-    back the transaction of a lost connection), so ``work`` runs once more on a new one;
-    a second failure is the caller's ``OperationalError`` (503, retry)."""
+    back the transaction of a lost connection), so ``work`` runs once more, after the
+    pool has checked its idle connections (what killed one, a restart or a failover,
+    killed them all); a second failure is the caller's ``OperationalError`` (503, retry)."""
     pool = get_transaction_pool()
     for attempt in (1, 2):
         with pool.connection() as connection:
@@ -111,9 +114,9 @@ def in_transaction(work: Callable[[psycopg.Connection[Any]], T]) -> T:
                 with connection.pipeline():
                     return work(connection)
             except psycopg.OperationalError:
-                if attempt == 1 and connection.broken:
-                    continue
-                raise
+                if attempt == 2 or not connection.broken:
+                    raise
+        pool.check()
     raise AssertionError("not reached")
 
 
