@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 
 from flask import Blueprint, Response, g, jsonify, request
@@ -12,7 +11,7 @@ from api.auth import require_scope
 from api.errors import ApiError
 from api.schemas import RefundCreate, RefundListQuery, describe
 from shared.adapters.celery_app import enqueue_refund
-from shared.adapters.db import in_transaction, unit_of_work
+from shared.adapters.db import get_web_pool, unit_of_work
 from shared.domain.models import RefundStatus
 from shared.services import refunds
 from shared.services.idempotency import request_fingerprint
@@ -69,17 +68,18 @@ def _idempotency_key() -> str | None:
 def create_refund() -> Response:
     body = _parse_body()
     key = _idempotency_key()
-    result = in_transaction(functools.partial(
-        refunds.initiate_refund,
-        request=refunds.RefundRequest(
-            charge_id=body.charge_id,
-            amount_cents=body.amount_cents,
-            reason=body.reason,
-        ),
-        initiated_by=g.caller.subject,
-        idempotency_key=key,
-        fingerprint=request_fingerprint(body.model_dump()),
-    ))
+    with get_web_pool().connection() as connection:
+        result = refunds.initiate_refund(
+            connection,
+            request=refunds.RefundRequest(
+                charge_id=body.charge_id,
+                amount_cents=body.amount_cents,
+                reason=body.reason,
+            ),
+            initiated_by=g.caller.subject,
+            idempotency_key=key,
+            fingerprint=request_fingerprint(body.model_dump()),
+        )
     g.refund_id = result.refund_id  # for the request's log line
     # A refund awaiting approval is enqueued when it is approved (api/approvals.py).
     if not result.replayed and result.body["status"] == RefundStatus.PENDING:

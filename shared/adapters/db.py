@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+import select
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
 from psycopg.rows import namedtuple_row
@@ -66,28 +67,29 @@ def get_pool() -> ConnectionPool[psycopg.Connection[Any]]:
     )
     pool.open(wait=False)
     return pool
-T = TypeVar("T")
 #: pg_stat_activity.application_name of the hot path's connections.
 WEB_APPLICATION_NAME = "refunds-web"
 
 
 @functools.cache
-def get_transaction_pool() -> ConnectionPool[psycopg.Connection[Any]]:
-    """Connections for the API's hot path (``POST /v1/admin/refunds``): one short
-    transaction each, at most one per web thread, in psycopg's pipeline mode.
+def get_web_pool() -> ConnectionPool[psycopg.Connection[Any]]:
+    """Autocommit connections for the API's hot path (``POST /v1/admin/refunds``: one
+    statement, ``run_and_commit``), at most one per web thread.
 
     Plain psycopg, not the engine: SQLAlchemy's session, its pool checkout and its
-    per-checkout ping cost more of a POST's CPU than the statements themselves, and the
-    ping was a round trip of its own (make bench, py-spy). Without a ping, a pooled
-    connection that died while idle (Postgres restarted, a proxy dropped it) is found
-    out by the first statement: ``in_transaction`` then runs the transaction once more
-    on a new connection."""
+    per-checkout ping cost more of a POST's CPU than the statement itself, and the ping
+    was a round trip of its own (make bench, py-spy). The check at checkout costs none:
+    a connection Postgres closed while it sat idle (a restart, a failover, a proxy's
+    idle timeout) has something to read, its end or Postgres' last words, and is
+    replaced before a statement is sent on it."""
     settings = get_settings()
     pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
         settings.libpq_url,
         min_size=1,
         max_size=settings.web_threads,
-        kwargs={"options": CONNECTION_OPTIONS, "application_name": WEB_APPLICATION_NAME},
+        kwargs={"autocommit": True, "options": CONNECTION_OPTIONS,
+                "application_name": WEB_APPLICATION_NAME},
+        check=_nothing_to_read,
         # Each thread holds at most one, so a checkout only waits when Postgres cannot be
         # reached: answer 503 well before a caller gives up.
         timeout=5,
@@ -98,41 +100,29 @@ def get_transaction_pool() -> ConnectionPool[psycopg.Connection[Any]]:
     return pool
 
 
-def in_transaction(work: Callable[[psycopg.Connection[Any]], T]) -> T:
-    """``work(connection)`` in one transaction on a pooled connection in pipeline mode
-    (statements are sent together; a fetch or ``commit`` waits for the answers).
-    ``work`` commits with ``commit``; anything it leaves is rolled back.
-
-    A connection found dead before the commit was sent recorded nothing (Postgres rolls
-    back the transaction of a lost connection), so ``work`` runs once more, after the
-    pool has checked its idle connections (what killed one, a restart or a failover,
-    killed them all); a second failure is the caller's ``OperationalError`` (503, retry)."""
-    pool = get_transaction_pool()
-    for attempt in (1, 2):
-        with pool.connection() as connection:
-            try:
-                with connection.pipeline():
-                    return work(connection)
-            except psycopg.OperationalError:
-                if attempt == 2 or not connection.broken:
-                    raise
-        pool.check()
-    raise AssertionError("not reached")
+def _nothing_to_read(connection: psycopg.Connection[Any]) -> None:
+    poller = select.poll()
+    poller.register(connection.fileno(), select.POLLIN)
+    if poller.poll(0):
+        connection.close()  # so that the pool replaces it rather than keep it
+        raise psycopg.OperationalError("the connection was closed while idle")
 
 
-def commit(connection: psycopg.Connection[Any]) -> None:
-    """Commit, and say so when the outcome is unknown (``OutcomeUnknown``): the
-    connection broke after the COMMIT may have reached Postgres. In pipeline mode the
-    statements queued before it travel with it."""
+def run_and_commit(connection: psycopg.Connection[Any], query: str, params: Any) -> Any:
+    """The row of one statement that records something, on an autocommit connection.
+
+    A connection that breaks before the answer is back leaves the outcome unknown
+    (``OutcomeUnknown``): the statement may have been committed. An error Postgres
+    answered with (a lock or statement timeout...) means nothing was recorded."""
     try:
-        connection.commit()
+        return connection.execute(query, params).fetchone()  # type: ignore[arg-type]
     except psycopg.Error as exc:
-        if (exc.sqlstate or "")[:2] in DEFINITE_ROLLBACK_CLASSES:
-            raise
-        raise OutcomeUnknown(
-            "The database connection broke while the change was being committed: "
-            "it may or may not have been recorded."
-        ) from exc
+        if connection.broken:
+            raise OutcomeUnknown(
+                "The database connection broke while the change was being committed: "
+                "it may or may not have been recorded."
+            ) from exc
+        raise
 
 
 class UnitOfWorkSession(Session):

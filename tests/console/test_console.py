@@ -74,7 +74,7 @@ def status_of(db: Session, refund_id: str) -> str | None:
 
 def initiate(db: Session, charge_id: str, amount: int) -> str:
     """A pending refund recorded as the API records it, but never enqueued."""
-    with psycopg.connect(get_settings().libpq_url) as connection:
+    with psycopg.connect(get_settings().libpq_url, autocommit=True) as connection:
         return initiate_refund(
             connection,
             request=RefundRequest(charge_id=charge_id, amount_cents=amount, reason=None),
