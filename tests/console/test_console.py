@@ -15,7 +15,6 @@ import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from shared.adapters.config import get_settings
 from shared.domain.models import Refund
 from shared.services.refunds import RefundRequest, initiate_refund
 from tests.console.conftest import (
@@ -74,7 +73,10 @@ def status_of(db: Session, refund_id: str) -> str | None:
 
 def initiate(db: Session, charge_id: str, amount: int) -> str:
     """A pending refund recorded as the API records it, but never enqueued."""
-    with psycopg.connect(get_settings().libpq_url, autocommit=True) as connection:
+    # On the stack's database, with a connection like the API's (autocommit: the call
+    # commits itself).
+    url = db.get_bind().url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url, autocommit=True) as connection:
         return initiate_refund(
             connection,
             request=RefundRequest(charge_id=charge_id, amount_cents=amount, reason=None),
