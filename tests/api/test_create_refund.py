@@ -228,8 +228,8 @@ def test_pooled_connections_that_died_are_replaced_without_an_error(
     client, settings, db
 ) -> None:
     """No ping before each use: a connection Postgres dropped while it sat in the pool
-    (a restart, a failover, an idle timeout) is found out by the request's first round
-    trip, which nothing was committed by, and the transaction runs again on a new one."""
+    (a restart, a failover, an idle timeout) has something to read, its end, and is
+    replaced at checkout, before the statement that records a refund is sent on it."""
     payment, charge = seed_payment(db, amount=5000)
     body = {"charge_id": charge.id, "amount_cents": 100}
     for _ in range(8):  # every web process and thread gets connections
