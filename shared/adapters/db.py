@@ -67,6 +67,8 @@ def get_pool() -> ConnectionPool[psycopg.Connection[Any]]:
     )
     pool.open(wait=False)
     return pool
+
+
 #: pg_stat_activity.application_name of the hot path's connections.
 WEB_APPLICATION_NAME = "refunds-web"
 
@@ -101,6 +103,7 @@ def get_web_pool() -> ConnectionPool[psycopg.Connection[Any]]:
 
 
 def _nothing_to_read(connection: psycopg.Connection[Any]) -> None:
+    """The check at checkout: an idle connection has nothing to read (see above)."""
     poller = select.poll()
     poller.register(connection.fileno(), select.POLLIN)
     if poller.poll(0):
