@@ -63,8 +63,9 @@ def initiate_refund(
     """Record a pending refund and commit it: one statement on an autocommit
     ``connection``, the database's ``initiate_refund`` function (migration 0015), which
     claims the Idempotency-Key, locks the payment row, applies the rules of
-    ``shared.domain.rules`` to the refunds read under that lock (tests/test_rules.py
-    checks that it does), and inserts the refund with its audit event.
+    ``shared.domain.rules`` to the refunds read under that lock
+    (tests/test_initiate_function.py checks that it does), and inserts the refund with
+    its audit event.
 
     A refund at or above the approval threshold of its currency is recorded
     ``awaiting_approval`` instead (SPEC 12): it holds its amount but is not sent until a
