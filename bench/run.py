@@ -546,10 +546,11 @@ class Bench:
                        if c.profile and k == max(c.connections) else None)
             out = self.loadgen(path, k, duration=c.seconds, meter=True, profile=profile)
             result["initiation"][str(k)] = out
+            web_cpu = out.get("cpu_ms_per_request", {}).get("web")
             log(f"{server}: initiation @{k}: {out['requests_per_s']}/s,"
                 f" p50 {out['latency_ms']['p50']} ms, p99 {out['latency_ms']['p99']} ms,"
-                f" errors {out['errors']}, web CPU {out['cpu_ms_per_request'].get('web')} ms"
-                f" per request, loadgen {out['loadgen_cpu_cores']} cores")
+                f" errors {out['errors']}, web CPU {web_cpu} ms per request,"
+                f" loadgen {out['loadgen_cpu_cores']} cores")
         if c.idempotency_keys:
             # What careful callers send: a fresh Idempotency-Key with each refund (two more
             # statements in the transaction: claim the key, store the answer).
@@ -571,7 +572,7 @@ class Bench:
         out = self.loadgen(path, k, duration=c.seconds, meter=True, get="/healthz")
         log(f"{server}: GET /healthz @{k}: {out['requests_per_s']}/s,"
             f" p99 {out['latency_ms']['p99']} ms, web CPU"
-            f" {out['cpu_ms_per_request'].get('web')} ms per request")
+            f" {out.get('cpu_ms_per_request', {}).get('web')} ms per request")
         return out
 
     def baseline(self, share: list[str]) -> None:
