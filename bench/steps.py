@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         redis_proc.stop()
         db.drop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def measure(count: int, db: Database, redis_url: str, work: Path) -> int:
