@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import psycopg
 from flask import Flask, Response, g, jsonify
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
@@ -103,8 +104,9 @@ def register_error_handlers(app: Flask) -> None:
         headers = {"Allow": exc.get_response().headers["Allow"]} if status == 405 else None
         return error_response(status, HTTP_CODES.get(status, "error"), message, headers)
 
-    @app.errorhandler(OperationalError)
-    def _database_unavailable(exc: OperationalError) -> Response:
+    @app.errorhandler(OperationalError)  # through SQLAlchemy
+    @app.errorhandler(psycopg.OperationalError)  # the hot path's own connections
+    def _database_unavailable(exc: Exception) -> Response:
         # A statement failed before COMMIT (the database is down, a lock wait timed
         # out): nothing was committed, and the same request can safely be sent again.
         # A failure of the COMMIT itself is OutcomeUnknown (shared.adapters.db), answered above.

@@ -11,7 +11,7 @@ from api.auth import require_scope
 from api.errors import ApiError
 from api.schemas import RefundCreate, RefundListQuery, describe
 from shared.adapters.celery_app import enqueue_refund
-from shared.adapters.db import unit_of_work
+from shared.adapters.db import get_web_pool, unit_of_work
 from shared.domain.models import RefundStatus
 from shared.services import refunds
 from shared.services.idempotency import request_fingerprint
@@ -68,9 +68,9 @@ def _idempotency_key() -> str | None:
 def create_refund() -> Response:
     body = _parse_body()
     key = _idempotency_key()
-    with unit_of_work() as session:
+    with get_web_pool().connection() as connection:
         result = refunds.initiate_refund(
-            session=session,
+            connection,
             request=refunds.RefundRequest(
                 charge_id=body.charge_id,
                 amount_cents=body.amount_cents,

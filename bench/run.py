@@ -5,14 +5,16 @@ Phases, in order, on one stack of real processes:
 1. seed: N succeeded payments at the emulator, then ``refunds payments sync``;
 2. initiation: POST /v1/admin/refunds at each of BENCH_CONNECTIONS from the load
    generator, each phase over payments of its own (the worker is not running, so
-   the refunds and their tasks pile up as they would behind a stopped worker);
+   the refunds and their tasks pile up as they would behind a stopped worker), and
+   GET /healthz; once per web server of BENCH_WEB_SERVERS;
 3. baseline: the same database work and enqueue from ``bench.baseline``;
 4. drain: a worker started on the pile (topped up through the API to
    BENCH_DRAIN_REFUNDS), emulator at zero latency: refunds/s, worker memory over it;
 5. end to end: one refund at a time, 201 to ``succeeded`` seen in the database;
 6. Stripe-shaped drain: emulator at 300 ms per call and 100 requests/s (429 beyond),
    worker limited by STRIPE_MAX_RPS a little under that;
-7. hot spot: 8 connections refunding one payment in small amounts.
+7. hot spot: 8 connections refunding one payment in small amounts, and the baseline
+   script on one payment of its own with as many threads.
 
 Settings (environment): see ``Config.from_env``.
 """
@@ -44,6 +46,7 @@ from bench.baseline import ACTOR as BASELINE_ACTOR
 from bench.loadgen import latency_summary
 from bench.stack import (
     BIN,
+    PROCFILE_WEB,
     ROOT,
     BenchError,
     CpuMeter,
@@ -55,6 +58,7 @@ from bench.stack import (
     postgres_backends,
     procfile_process,
     redis_server,
+    shell_process,
     wait_for_http,
 )
 
@@ -106,6 +110,7 @@ class Config:
     hotspot_connections: int
     warmup_seconds: float
     idempotency_keys: bool
+    web_servers: tuple[str, ...]
     profile: bool
     pg_admin_url: str
     output: str
@@ -151,6 +156,7 @@ class Config:
             hotspot_connections=_env_int("BENCH_HOTSPOT_CONNECTIONS", 8),
             warmup_seconds=_env_float("BENCH_WARMUP_SECONDS", 2.0),
             idempotency_keys=os.environ.get("BENCH_IDEMPOTENCY", "1") not in ("", "0"),
+            web_servers=_web_servers(os.environ.get("BENCH_WEB_SERVERS", "gunicorn,granian")),
             profile=os.environ.get("BENCH_PROFILE", "") not in ("", "0"),
             pg_admin_url=os.environ.get(
                 "BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -161,6 +167,43 @@ class Config:
 
 PHASES = ("initiation", "http_floor", "baseline", "drain", "end_to_end", "events_out",
           "stripe_shaped", "webhook_burst", "hot_spot")
+
+
+#: The web servers ``BENCH_WEB_SERVERS`` can name, each as the Procfile would run it
+#: (WEB_CONCURRENCY processes x WEB_THREADS threads). The one the Procfile's ``web`` line
+#: runs is started from the Procfile itself, exactly as production starts it.
+WEB_SERVERS = {
+    "gunicorn": "exec gunicorn api.wsgi:app --config gunicorn.conf.py --bind 127.0.0.1:${PORT}"
+                " --worker-class gthread --workers ${WEB_CONCURRENCY:-2}"
+                " --threads ${WEB_THREADS:-4}",
+    "granian": "exec granian api.wsgi:app --interface wsgi --host 127.0.0.1 --port ${PORT}"
+               " --workers ${WEB_CONCURRENCY:-2} --blocking-threads ${WEB_THREADS:-4}"
+               " --http 1 --no-ws",
+}
+
+
+def _web_servers(text: str) -> tuple[str, ...]:
+    """``gunicorn,granian:--backpressure 8``: a server name, then flags added to its line."""
+    servers = tuple(s.strip() for s in text.split(",") if s.strip())
+    for server in servers:
+        if server.partition(":")[0] not in WEB_SERVERS:
+            raise BenchError(f"BENCH_WEB_SERVERS: {server!r}: known are {', '.join(WEB_SERVERS)}")
+    if not servers:
+        raise BenchError("BENCH_WEB_SERVERS names no server")
+    return servers
+
+
+def web_server_line(server: str) -> str:
+    """The shell line that runs ``server`` (see ``WEB_SERVERS``)."""
+    name, _, flags = server.partition(":")
+    procfile_runs_it = f"exec {name} " in PROCFILE_WEB
+    line = PROCFILE_WEB if procfile_runs_it else WEB_SERVERS[name]
+    return f"{line} {flags}".strip()
+
+
+def procfile_server() -> str:
+    """The name of the web server the Procfile's ``web`` line runs."""
+    return next(name for name in WEB_SERVERS if f"exec {name} " in PROCFILE_WEB)
 
 
 def _shape(text: str) -> tuple[int, int | None]:
@@ -189,6 +232,7 @@ class Bench:
         self.result: dict[str, Any] = {}
         self.env: dict[str, str] = {}
         self.web: Process | None = None
+        self.web_slug = ""
         self.emulator: Process | None = None
         self.redis: Process | None = None
         self.workers: list[Process] = []
@@ -291,16 +335,20 @@ class Bench:
         return result
 
     def profile_web(self, name: str, seconds: float) -> subprocess.Popen[bytes] | None:
+        """py-spy on the web processes, GIL holders only (what costs a process its core),
+        as raw collapsed stacks: ``flamegraph.pl`` or speedscope draw them, and a per-step
+        breakdown is a grep away."""
         assert self.web is not None
         spy = BIN / "py-spy"
         if not spy.exists():
             log("py-spy is not installed; no profile")
             return None
-        out = self.work / f"{name}.svg"
+        out = self.work / f"{name}.txt"
         log(f"profiling the web processes for {seconds:.0f} s into {out}")
         return subprocess.Popen(  # noqa: S603
-            [str(spy), "record", "--pid", str(self.web.pid), "--subprocesses", "--duration",
-             str(max(1, int(seconds))), "--rate", "200", "--nonblocking", "--output", str(out)],
+            [str(spy), "record", "--pid", str(self.web.pid), "--subprocesses", "--gil",
+             "--duration", str(max(1, int(seconds))), "--rate", "200", "--nonblocking",
+             "--format", "raw", "--output", str(out)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
 
@@ -378,24 +426,36 @@ class Bench:
             get_settings(), subject=SUBJECT, scopes=["refunds:write", "refunds:read"],
             ttl_seconds=24 * 3600,
         )
-        self.web = self.start(procfile_process("web", self.env, self.work))
-        wait_for_http(f"{self.url}/readyz", proc=self.web.proc, log=self.web.log_path)
         self.result["config"] = {
             **{k: v for k, v in asdict(c).items() if k not in ("pg_admin_url", "output")},
-            "web": "Procfile web (gunicorn, WEB_CONCURRENCY="
-                   f"{os.environ.get('WEB_CONCURRENCY', 'default')}, "
-                   f"WEB_THREADS={os.environ.get('WEB_THREADS', 'default')})",
+            "web": f"WEB_CONCURRENCY={os.environ.get('WEB_CONCURRENCY', 'default')}, "
+                   f"WEB_THREADS={os.environ.get('WEB_THREADS', 'default')}; the Procfile runs "
+                   f"{procfile_server()}, which serves every phase after the web servers' own",
+            "web_server_lines": {server: web_server_line(server) for server in c.web_servers},
             "worker": f"Procfile worker x{c.workers}, WORKER_CONCURRENCY="
                       f"{c.worker_concurrency or 'default'}",
             "webhooks": "off: the emulator sends none, so the drains measure the worker alone; "
                         "the webhook_burst phase sends signed events of its own",
         }
 
+    def start_web(self, server: str) -> None:
+        """Serve the API with ``server`` (an entry of BENCH_WEB_SERVERS) in place of the
+        one running now; each gets a Prometheus directory of its own."""
+        self.stop(self.web, "web")
+        slug = "".join(ch if ch.isalnum() else "-" for ch in server).strip("-")
+        self.web_slug = slug
+        metrics_dir = self.work / f"metrics-{slug}"
+        metrics_dir.mkdir(exist_ok=True)
+        env = {**self.env, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+        self.web = self.start(shell_process(f"web-{slug}", web_server_line(server), env, self.work))
+        wait_for_http(f"{self.url}/readyz", proc=self.web.proc, log=self.web.log_path)
+
     def seed(self) -> None:
         c = self.config
         started = time.perf_counter()
         seeded = self.admin.seed(c.payments, amount=PAYMENT_AMOUNT)
-        hot = self.admin.seed(1, amount=HOT_PAYMENT_AMOUNT)
+        # Two hot payments: one for the API's hot spot, one for the baseline's.
+        hot = self.admin.seed(2, amount=HOT_PAYMENT_AMOUNT)
         emulator_seconds = time.perf_counter() - started
         # The real backfill path; its own one-off run may use the whole Stripe budget.
         started = time.perf_counter()
@@ -409,11 +469,11 @@ class Bench:
         sync_seconds = time.perf_counter() - started
         by_charge = dict(self.sql("SELECT id, payment_id FROM charges"))
         charges = [ch for ch in seeded["charges"] if ch in by_charge]
-        if len(charges) != c.payments or hot["charges"][0] not in by_charge:
-            raise BenchError(f"sync stored {len(by_charge)} charges, expected {c.payments + 1}")
+        if len(charges) != c.payments or not set(hot["charges"]) <= by_charge.keys():
+            raise BenchError(f"sync stored {len(by_charge)} charges, expected {c.payments + 2}")
         self.charges = charges
         self.payment_of = by_charge
-        self.hot_charge = hot["charges"][0]
+        self.hot_charge, self.hot_baseline_charge = hot["charges"]
         self.result["seed"] = {
             "payments": c.payments,
             "method": "emulator /_emulator/seed, then `refunds payments sync` "
@@ -438,7 +498,37 @@ class Bench:
 
     # ------------------------------------------------------------------ phases
 
-    def initiation(self, shares: dict[str, list[str]]) -> None:
+    def web_server_phases(self, shares: dict[str, list[str]]) -> None:
+        """Initiation and the HTTP floor once per web server of BENCH_WEB_SERVERS, each on
+        payments of its own, keyed by server under ``web_servers``. The server the
+        Procfile runs goes last and keeps serving the later phases; its figures are also
+        the top-level ``initiation``, ``initiation_with_idempotency_key`` and
+        ``http_floor`` (those of the first server listed if it is not measured)."""
+        c = self.config
+        production = procfile_server()
+        servers = [s for s in c.web_servers if s != production]
+        servers += [production] if production in c.web_servers else []
+        measured = {"initiation", "http_floor"} & set(c.phases) or (
+            {"initiation"} if "baseline" in c.phases else set())
+        self.result["web_servers"] = {}
+        for i, server in enumerate(servers if measured else []):
+            self.start_web(server)
+            mine = {name: share[i :: len(servers)] for name, share in shares.items()}
+            out: dict[str, Any] = {}
+            if "initiation" in measured:
+                out.update(self.initiation(server, mine))
+            if "http_floor" in measured:
+                out["http_floor"] = self.http_floor(server, mine["baseline"])
+            self.result["web_servers"][server] = out
+        if not measured or servers[-1] != production:
+            self.start_web(production)
+        top = self.result["web_servers"].get(production) or next(
+            iter(self.result["web_servers"].values()), {})
+        self.result.update(top)
+        self.result["web_server"] = production if production in c.web_servers else (
+            servers[0] if measured else production)
+
+    def initiation(self, server: str, shares: dict[str, list[str]]) -> dict[str, Any]:
         c = self.config
         warm = self.write_lines("warmup.txt", shares["warmup"])
         self.loadgen(warm, 8, duration=c.warmup_seconds)
@@ -446,17 +536,20 @@ class Bench:
         pool = shares["initiation"]
         weights = [min(k, 8) for k in c.connections]
         start = 0
-        self.result["initiation"] = {}
+        result: dict[str, Any] = {"initiation": {}}
         for k, weight in zip(c.connections, weights, strict=True):
             size = max(k, len(pool) * weight // sum(weights))
             mine = pool[start : start + size] or pool
             start += size
             path = self.write_lines(f"initiation-{k}.txt", mine)
-            profile = f"profile-web-{k}" if c.profile and k == max(c.connections) else None
+            profile = (f"profile-web-{self.web_slug}-{k}"
+                       if c.profile and k == max(c.connections) else None)
             out = self.loadgen(path, k, duration=c.seconds, meter=True, profile=profile)
-            self.result["initiation"][str(k)] = out
-            log(f"initiation @{k}: {out['requests_per_s']}/s, p50 {out['latency_ms']['p50']} ms,"
-                f" p99 {out['latency_ms']['p99']} ms, errors {out['errors']},"
+            result["initiation"][str(k)] = out
+            web_cpu = out.get("cpu_ms_per_request", {}).get("web")
+            log(f"{server}: initiation @{k}: {out['requests_per_s']}/s,"
+                f" p50 {out['latency_ms']['p50']} ms, p99 {out['latency_ms']['p99']} ms,"
+                f" errors {out['errors']}, web CPU {web_cpu} ms per request,"
                 f" loadgen {out['loadgen_cpu_cores']} cores")
         if c.idempotency_keys:
             # What careful callers send: a fresh Idempotency-Key with each refund (two more
@@ -464,25 +557,38 @@ class Bench:
             k = max(c.connections)
             path = self.write_lines("idempotency.txt", shares["idempotency"])
             out = self.loadgen(path, k, duration=c.seconds, meter=True, idempotency_keys=True)
-            self.result["initiation_with_idempotency_key"] = out
-            log(f"initiation with Idempotency-Key @{k}: {out['requests_per_s']}/s,"
+            result["initiation_with_idempotency_key"] = out
+            log(f"{server}: initiation with Idempotency-Key @{k}: {out['requests_per_s']}/s,"
                 f" p99 {out['latency_ms']['p99']} ms, errors {out['errors']}")
+        return result
 
-    def http_floor(self, share: list[str]) -> None:
-        """GET /healthz at the highest connection count: what gunicorn and Flask alone
-        serve on this machine (no token, no database, no broker), the ceiling any
+    def http_floor(self, server: str, share: list[str]) -> dict[str, Any]:
+        """GET /healthz at the highest connection count: what the web server and Flask
+        alone serve on this machine (no token, no database, no broker), the ceiling any
         endpoint of this stack could reach."""
         c = self.config
         k = max(c.connections)
         path = self.write_lines("floor.txt", share[:1])
         out = self.loadgen(path, k, duration=c.seconds, meter=True, get="/healthz")
-        self.result["http_floor"] = out
-        log(f"GET /healthz @{k}: {out['requests_per_s']}/s, p99 {out['latency_ms']['p99']} ms")
+        log(f"{server}: GET /healthz @{k}: {out['requests_per_s']}/s,"
+            f" p99 {out['latency_ms']['p99']} ms, web CPU"
+            f" {out.get('cpu_ms_per_request', {}).get('web')} ms per request")
+        return out
 
     def baseline(self, share: list[str]) -> None:
-        c = self.config
-        client = redis.Redis.from_url(self.redis_url)
-        message = client.lindex("refunds", 0)
+        result = self.run_baseline("baseline", share, REFUND_AMOUNT,
+                                   self.config.baseline_threads)
+        self.result["baseline"] = result
+        log(f"baseline: {result['ops_per_s']} ops/s, p99 {result['latency_ms']['p99']} ms,"
+            f" errors {result['errors']}")
+
+    def celery_message(self) -> Path:
+        """A copy of a ``refunds.process`` message the API queued, ``{refund_id}`` where
+        its id goes: what the baseline pushes."""
+        msg = self.work / "celery-message.json"
+        if msg.exists():
+            return msg
+        message = redis.Redis.from_url(self.redis_url).lindex("refunds", 0)
         if message is None:
             raise BenchError("no Celery message in the queue to model the baseline's on")
         text = message.decode()
@@ -491,15 +597,21 @@ class Bench:
             if refund_id in text:
                 text = text.replace(refund_id, "{refund_id}")
                 break
-        msg = self.work / "celery-message.json"
         msg.write_text(text)
+        return msg
+
+    def run_baseline(self, name: str, charges: list[str], amount: int, threads: int
+                     ) -> dict[str, Any]:
+        """``bench.baseline`` with ``threads`` threads over ``charges``."""
+        c = self.config
         payments = self.write_lines(
-            "baseline.txt", [f"{self.payment_of[ch]} {ch}" for ch in share]
+            f"{name}.txt", [f"{self.payment_of[ch]} {ch}" for ch in charges]
         )
         argv = [sys.executable, "-m", "bench.baseline", "--dsn", self.db.dsn,
-                "--redis-url", self.redis_url, "--payments", str(payments), "--message", str(msg),
-                "--threads", str(c.baseline_threads), "--duration", str(c.seconds),
-                "--amount", str(REFUND_AMOUNT)]
+                "--redis-url", self.redis_url, "--payments", str(payments),
+                "--message", str(self.celery_message()),
+                "--threads", str(threads), "--duration", str(c.seconds),
+                "--amount", str(amount)]
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, env=self.env)  # noqa: S603
         time.sleep(1.0)
         meter = self.meter()
@@ -508,13 +620,11 @@ class Bench:
         cpu = meter.stop()
         out, _ = proc.communicate(timeout=c.seconds + 120)
         if proc.returncode != 0:
-            raise BenchError("baseline failed")
-        result = json.loads(out)
+            raise BenchError(f"{name} failed")
+        result: dict[str, Any] = json.loads(out)
         result["cpu_cores"] = cpu
         result["cpu_ms_per_op"] = _per_request(cpu, result["ops_per_s"])
-        self.result["baseline"] = result
-        log(f"baseline: {result['ops_per_s']} ops/s, p99 {result['latency_ms']['p99']} ms,"
-            f" errors {result['errors']}")
+        return result
 
     def top_up(self, target: int) -> int:
         pending = self.status_counts().get("pending", 0)
@@ -801,6 +911,14 @@ class Bench:
         self.result["hot_spot"] = out
         log(f"hot spot @{c.hotspot_connections}: {out['requests_per_s']}/s,"
             f" p99 {out['latency_ms']['p99']} ms, errors {out['errors']}")
+        # What the database work alone reaches on one payment with as many threads (the
+        # baseline script on a hot payment of its own, so neither run sums the other's
+        # refunds): the row lock serializes both.
+        base = self.run_baseline("hot_spot_baseline", [self.hot_baseline_charge], 1,
+                                 c.hotspot_connections)
+        self.result["hot_spot_baseline"] = base
+        log(f"hot spot baseline, {base['threads']} threads on one payment: {base['ops_per_s']}"
+            f" ops/s, p99 {base['latency_ms']['p99']} ms, errors {base['errors']}")
 
     # ------------------------------------------------------------------ run
 
@@ -808,10 +926,9 @@ class Bench:
         self.setup()
         shares = self.slices()
         phases = self.config.phases
-        if "initiation" in phases or "baseline" in phases:
-            self.initiation(shares)  # the baseline models its message on the queued tasks
+        # The baseline models its message on the tasks initiation queued.
+        self.web_server_phases(shares)
         steps = {
-            "http_floor": lambda: self.http_floor(shares["baseline"]),
             "baseline": lambda: self.baseline(shares["baseline"]),
             "drain": self.zero_latency_drain,
             "end_to_end": lambda: self.end_to_end(shares["e2e"]),
@@ -841,6 +958,11 @@ class Bench:
         base = self.result.get("baseline")
         if init is not None:
             targets[f"initiation@{top} p99 <= 50 ms"] = init["latency_ms"]["p99"] <= 50
+            # The endpoint's own CPU in the web processes, per POST, at the top count.
+            web_cpu = init.get("cpu_ms_per_request", {}).get("web")
+            self.result["web_cpu_ms_per_post"] = web_cpu
+            if web_cpu is not None:
+                targets[f"web CPU per POST @{top} <= 1.0 ms"] = web_cpu <= 1.0
             targets["initiation 0 errors"] = all(
                 r["errors"] == 0 for r in self.result["initiation"].values())
         if init is not None and base is not None and base["ops_per_s"]:
@@ -849,6 +971,16 @@ class Bench:
             targets[f"initiation@{top} >= 0.6 x baseline"] = ratio >= 0.6
             floor = self.result.get("http_floor", {}).get("requests_per_s", 0)
             self.result["ratio_http_floor_to_baseline"] = round(floor / base["ops_per_s"], 3)
+            for server in self.result.get("web_servers", {}).values():
+                server_init = server.get("initiation", {}).get(top)
+                if server_init is not None:
+                    server["ratio_initiation_to_baseline"] = round(
+                        server_init["requests_per_s"] / base["ops_per_s"], 3)
+        hot, hot_base = self.result.get("hot_spot"), self.result.get("hot_spot_baseline")
+        if hot is not None and hot_base is not None and hot_base["ops_per_s"]:
+            ratio = hot["requests_per_s"] / hot_base["ops_per_s"]
+            self.result["ratio_hot_spot_to_baseline"] = round(ratio, 3)
+            targets["hot spot >= 0.5 x its baseline (one payment, same threads)"] = ratio >= 0.5
         if "end_to_end" in self.result:
             targets["end-to-end p50 <= 100 ms"] = (
                 self.result["end_to_end"]["created_to_succeeded_ms"]["p50"] <= 100)

@@ -27,9 +27,12 @@ from typing import Any
 import httpx
 import psycopg
 
+from cli.procfile import procfile_lines
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+PROCFILE_WEB = procfile_lines()["web"]
 
 
 class BenchError(RuntimeError):
@@ -233,6 +236,11 @@ def procfile_process(kind: str, env: dict[str, str], log_dir: Path, *, suffix: s
     """A Procfile process type, started the way containers start it."""
     argv = [sys.executable, "-m", "cli.procfile", kind]
     return Process(kind + suffix, argv, env, log_dir / f"{kind}{suffix}.log")
+
+
+def shell_process(name: str, line: str, env: dict[str, str], log_dir: Path) -> Process:
+    """A Procfile-style shell line (``exec ...``), run from the project root."""
+    return Process(name, ["/bin/sh", "-c", line], env, log_dir / f"{name}.log")
 
 
 @dataclass

@@ -164,6 +164,14 @@ class Settings(BaseSettings):
         per_currency = _parse_thresholds(self.approval_thresholds or "")
         return per_currency.get(currency.lower(), self.approval_threshold_cents)
 
+    def approval_threshold_table(self) -> dict[str, int] | None:
+        """``approval_threshold`` as a table for the database: each currency's threshold,
+        ``"*"`` for every other; None when approvals are off."""
+        table = dict(_parse_thresholds(self.approval_thresholds or ""))
+        if self.approval_threshold_cents is not None:
+            table["*"] = self.approval_threshold_cents
+        return table or None
+
     @field_validator(*EMPTY_MEANS_UNSET, mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import select
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -66,6 +67,67 @@ def get_pool() -> ConnectionPool[psycopg.Connection[Any]]:
     )
     pool.open(wait=False)
     return pool
+
+
+#: pg_stat_activity.application_name of the hot path's connections.
+WEB_APPLICATION_NAME = "refunds-web"
+
+
+@functools.cache
+def get_web_pool() -> ConnectionPool[psycopg.Connection[Any]]:
+    """Autocommit connections for the API's hot path (``POST /v1/admin/refunds``: one
+    statement, ``run_and_commit``), at most one per web thread.
+
+    Plain psycopg, not the engine: SQLAlchemy's session, its pool checkout and its
+    per-checkout ping cost more of a POST's CPU than the statement itself, and the ping
+    was a round trip of its own (make bench, py-spy). The check at checkout costs none:
+    a connection Postgres closed while it sat idle (a restart, a failover, a proxy's
+    idle timeout) has something to read, its end or Postgres' last words, and is
+    replaced before a statement is sent on it."""
+    settings = get_settings()
+    pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+        settings.libpq_url,
+        min_size=1,
+        max_size=settings.web_threads,
+        kwargs={"autocommit": True, "options": CONNECTION_OPTIONS,
+                "application_name": WEB_APPLICATION_NAME},
+        check=_nothing_to_read,
+        # Each thread holds at most one, so a checkout only waits when Postgres cannot be
+        # reached: answer 503 well before a caller gives up.
+        timeout=5,
+        name="refunds-web",
+        open=False,
+    )
+    pool.open(wait=False)
+    return pool
+
+
+def _nothing_to_read(connection: psycopg.Connection[Any]) -> None:
+    """The check at checkout: an idle connection has nothing to read (see above)."""
+    poller = select.poll()
+    poller.register(connection.fileno(), select.POLLIN)
+    if poller.poll(0):
+        connection.close()  # so that the pool replaces it rather than keep it
+        raise psycopg.OperationalError("the connection was closed while idle")
+
+
+def run_and_commit(connection: psycopg.Connection[Any], query: str, params: Any) -> Any:
+    """The row of one statement that records something, on an autocommit connection.
+
+    A connection that breaks before the answer is back leaves the outcome unknown
+    (``OutcomeUnknown``): the statement may have been committed. An error Postgres
+    answered with (a lock or statement timeout...) means nothing was recorded."""
+    try:
+        return connection.execute(query, params).fetchone()  # type: ignore[arg-type]
+    except psycopg.Error as exc:
+        if connection.broken:
+            raise OutcomeUnknown(
+                "The database connection broke while the change was being committed: "
+                "it may or may not have been recorded."
+            ) from exc
+        raise
+
+
 class UnitOfWorkSession(Session):
     """A session whose ``commit`` says when its outcome is unknown."""
 

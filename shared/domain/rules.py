@@ -1,7 +1,9 @@
 """Pure refund-amount rules: what is left on a payment and how much a request takes.
 
-Kept free of I/O so the property tests can hammer them; ``shared.services.refunds`` applies
-them under the payment's row lock."""
+Kept free of I/O so the property tests can hammer them. Every refund the API initiates is
+recorded by the database's ``initiate_refund`` (migration 0015), which applies them in SQL
+under the payment's row lock, one round trip per request; tests/test_initiate_function.py
+checks that it takes and refuses exactly what these take and refuse."""
 
 from __future__ import annotations
 

@@ -9,16 +9,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from psycopg import Cursor
+import psycopg
 from psycopg.types.json import Jsonb
 from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
 from shared.adapters.config import get_settings
-from shared.adapters.db import driver_cursor
-from shared.domain.errors import ChargeDisputed, NotFound, PaymentNotSucceeded
-from shared.domain.models import Refund, RefundEvent, RefundStatus, new_id
-from shared.domain.rules import amount_to_refund, refundable_left
+from shared.adapters.db import run_and_commit
+from shared.domain.errors import (
+    ChargeDisputed,
+    IdempotencyKeyReused,
+    NotFound,
+    PaymentNotSucceeded,
+)
+from shared.domain.models import Refund, RefundEvent, new_id
+from shared.domain.rules import amount_to_refund
 from shared.services import idempotency
 
 REFUND_ID_MAX = 40  # refunds.id is String(40): no longer id exists
@@ -48,150 +53,90 @@ def stripe_idempotency_key(refund_id: str) -> str:
 
 
 def initiate_refund(
+    connection: psycopg.Connection[Any],
     *,
-    session: Session,
     request: RefundRequest,
     initiated_by: str,
     idempotency_key: str | None,
     fingerprint: str,
 ) -> Initiated:
-    """Record a pending refund in one transaction and commit it.
+    """Record a pending refund and commit it: one statement on an autocommit
+    ``connection``, the database's ``initiate_refund`` function (migration 0015), which
+    claims the Idempotency-Key, locks the payment row, applies the rules of
+    ``shared.domain.rules`` to the refunds read under that lock
+    (tests/test_initiate_function.py checks that it does), and inserts the refund with
+    its audit event.
 
     A refund at or above the approval threshold of its currency is recorded
     ``awaiting_approval`` instead (SPEC 12): it holds its amount but is not sent until a
     second person approves it. The caller enqueues a ``pending`` refund for the worker
     after this returns (never before the commit), and never one awaiting approval.
-    Raises a ``RefundServiceError`` for every rejected request; nothing is
-    written then.
+    Raises a ``RefundServiceError`` for every rejected request; nothing is written then.
+    Raises ``OutcomeUnknown`` when the connection broke before the answer came back.
     """
-    if idempotency_key is not None:
-        stored = idempotency.claim(
-            session, subject=initiated_by, key=idempotency_key, fingerprint=fingerprint
-        )
-        if stored is not None:
-            # JSONB does not keep key order: put the fields back in the published order so
-            # that a replay is byte for byte the first answer.
-            body = {name: stored.body[name] for name in INITIATED_FIELDS if name in stored.body}
-            return Initiated(status=stored.status, body=body, replayed=True)
+    refund_id = new_id("rf")
+    outcome, detail = run_and_commit(connection, _INITIATE, {
+        "ref": request.charge_id,
+        "requested": request.amount_cents,
+        "reason": request.reason,
+        "actor": initiated_by,
+        "refund_id": refund_id,
+        "stripe_key": stripe_idempotency_key(refund_id),
+        "thresholds": _thresholds(),
+        "key": idempotency_key,
+        "fingerprint": fingerprint,
+        "ttl": idempotency.KEY_TTL_HOURS,
+    })
+    if outcome == "created":
+        return Initiated(status=201, body=_published(detail), replayed=False)
+    if outcome == "replayed":
+        return Initiated(status=detail["status"], body=_published(detail["body"]),
+                         replayed=True)
+    raise _refusal(outcome, detail or {}, request)
 
-    cursor = driver_cursor(session)
-    payment = _lock_payment(cursor, request.charge_id)
-    charge_unsettled = payment.charge_id is not None and payment.charge_status != "succeeded"
-    if payment.status != "succeeded" or charge_unsettled:
-        state = payment.charge_status if charge_unsettled else payment.status
-        raise PaymentNotSucceeded(
-            f"The payment is '{state}', not 'succeeded': only a succeeded payment can be refunded."
+
+# Plain SQL on a psycopg connection of its own: every POST runs it, and SQLAlchemy's
+# session and per-statement machinery cost more CPU than the database work (make bench).
+_INITIATE = """
+    SELECT outcome, detail FROM initiate_refund(
+        %(ref)s, %(requested)s, %(reason)s, %(actor)s, %(refund_id)s, %(stripe_key)s,
+        %(thresholds)s, %(key)s, %(fingerprint)s, %(ttl)s)
+"""
+
+
+def _thresholds() -> Jsonb | None:
+    table = get_settings().approval_threshold_table()
+    return Jsonb(table) if table is not None else None
+
+
+def _published(body: dict[str, Any]) -> dict[str, Any]:
+    """A 201 body in the published field order (JSONB does not keep key order), so that
+    a replay is byte for byte the first answer."""
+    return {name: body[name] for name in INITIATED_FIELDS if name in body}
+
+
+def _refusal(outcome: str, detail: dict[str, Any], request: RefundRequest) -> Exception:
+    """The domain error for a refusal the database function answered with."""
+    if outcome == "idempotency_key_reused":
+        return IdempotencyKeyReused(
+            "This Idempotency-Key was already used with a different request body. "
+            "Use a new key for a new refund."
         )
-    if payment.disputed:
-        raise ChargeDisputed(
+    if outcome == "not_found":
+        return NotFound(f"No charge or payment has the id '{request.charge_id[:80]}'.")
+    if outcome == "payment_not_succeeded":
+        return PaymentNotSucceeded(
+            f"The payment is '{detail['state']}', not 'succeeded': only a succeeded payment "
+            "can be refunded."
+        )
+    if outcome == "charge_disputed":
+        return ChargeDisputed(
             "The charge is disputed; money is returned through the dispute, not a refund."
         )
-    # Every refund of the payment, pending ones included, read under the payment's lock
-    # (a statement of its own, so that it sees refunds committed while this one waited
-    # for the lock): the rules in ``shared.domain.rules`` decide what is left, in one place.
-    existing = cursor.execute(_REFUNDS_OF_PAYMENT, {"payment_id": payment.id}).fetchall()
-    amount = amount_to_refund(
-        left=refundable_left(payment.amount, existing),
-        amount_cents=request.amount_cents,
-        currency=payment.currency,
-    )
-
-    threshold = get_settings().approval_threshold(payment.currency)
-    held_for_approval = threshold is not None and amount >= threshold
-    status = RefundStatus.AWAITING_APPROVAL if held_for_approval else RefundStatus.PENDING
-    detail: dict[str, Any] = {
-        "amount": amount, "reason": request.reason, "full": request.amount_cents is None
-    }
-    if held_for_approval:
-        detail["approval_threshold"] = threshold
-
-    refund_id = new_id("rf")
-    cursor.execute(
-        _INSERT_REFUND,
-        {
-            "id": refund_id,
-            "payment_id": payment.id,
-            "charge_id": payment.charge_id,
-            "amount": amount,
-            "currency": payment.currency,
-            "reason": request.reason,
-            "stripe_idempotency_key": stripe_idempotency_key(refund_id),
-            "actor": initiated_by,
-            "status": status,
-            "approval_threshold": threshold if held_for_approval else None,
-            "detail": Jsonb(detail),
-        },
-    )
-    body = initiated_body(
-        refund_id=refund_id,
-        payment_id=payment.id,
-        charge_id=payment.charge_id,
-        amount=amount,
-        status=status,
-        stripe_refund_id=None,
-    )
-    if idempotency_key is not None:
-        idempotency.store(
-            session,
-            subject=initiated_by,
-            key=idempotency_key,
-            response=idempotency.StoredResponse(status=201, body=body),
-        )
-    session.commit()
-    return Initiated(status=201, body=body, replayed=False)
-
-
-# The hot path is plain SQL on the session's own psycopg connection (same transaction):
-# every POST runs it, and the ORM, then SQLAlchemy's per-statement machinery, cost more
-# CPU than the database work itself (make bench). Column names are checked against the
-# models by every test that creates a refund.
-
-# The payment a request names, locked for the rest of the transaction, with the charge
-# the refund will be made against. ``:ref`` is tried as a Stripe charge id first (one
-# statement on the common path), then as a PaymentIntent id or one of our payment ids
-# (SPEC 3.1), where the payment's succeeded charge, else its latest, is the one.
-_LOCK_BY_CHARGE = """
-    SELECT p.id, p.amount, p.currency, p.status,
-           c.id AS charge_id, c.status AS charge_status, c.disputed
-    FROM charges c JOIN payments p ON p.id = c.payment_id
-    WHERE c.id = %(ref)s
-    FOR UPDATE OF p
-"""
-_LOCK_BY_PAYMENT = """
-    SELECT p.id, p.amount, p.currency, p.status,
-           c.id AS charge_id, c.status AS charge_status, coalesce(c.disputed, false) AS disputed
-    FROM payments p
-    LEFT JOIN LATERAL (
-        SELECT id, status, disputed FROM charges WHERE payment_id = p.id
-        ORDER BY status = 'succeeded' DESC, created_at DESC LIMIT 1
-    ) c ON true
-    WHERE p.stripe_payment_intent_id = %(ref)s OR p.id = %(ref)s
-    FOR UPDATE OF p
-"""
-_REFUNDS_OF_PAYMENT = "SELECT amount, status FROM refunds WHERE payment_id = %(payment_id)s"
-# The refund (pending, or awaiting approval) and its first audit event in one statement
-# (one round trip).
-_INSERT_REFUND = """
-    WITH refund AS (
-        INSERT INTO refunds (id, payment_id, charge_id, amount, currency, status, reason,
-                             stripe_idempotency_key, initiated_by, approval_threshold)
-        VALUES (%(id)s, %(payment_id)s, %(charge_id)s, %(amount)s, %(currency)s, %(status)s,
-                %(reason)s, %(stripe_idempotency_key)s, %(actor)s, %(approval_threshold)s)
-        RETURNING id, status
-    )
-    INSERT INTO refund_events (refund_id, from_status, to_status, actor, detail)
-    SELECT id, NULL, status, %(actor)s, %(detail)s FROM refund
-"""
-
-
-def _lock_payment(cursor: Cursor[Any], ref: str) -> Any:
-    """Find the payment a request names and lock its row for the rest of the transaction."""
-    payment = cursor.execute(_LOCK_BY_CHARGE, {"ref": ref}).fetchone()
-    if payment is None:
-        payment = cursor.execute(_LOCK_BY_PAYMENT, {"ref": ref}).fetchone()
-    if payment is None:
-        raise NotFound(f"No charge or payment has the id '{ref[:80]}'.")
-    return payment
+    # What is left refuses it: the rule's own error, with its message.
+    amount_to_refund(left=detail["left"], amount_cents=request.amount_cents,
+                     currency=detail["currency"])
+    raise AssertionError(f"initiate_refund answered {outcome!r}")
 
 
 INITIATED_FIELDS = (

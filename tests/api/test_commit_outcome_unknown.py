@@ -1,8 +1,9 @@
 """A connection that breaks during COMMIT is answered 503 ``outcome_unknown`` (SPEC 3.4).
 
-A proxy between the web process and Postgres lets the refund's COMMIT reach Postgres,
-which applies it, and then cuts the connection before the answer gets back: the exact
-moment where the service cannot know whether the refund exists. Before, this was
+A proxy between the web process and Postgres lets the statement that records the
+refund (one autocommit call of the database's ``initiate_refund``) reach Postgres,
+which applies and commits it, and then cuts the connection before the answer gets
+back: the exact moment where the service cannot know whether the refund exists. Before, this was
 answered 503 ``unavailable``, "nothing was recorded", although the refund had been
 recorded; a caller without an Idempotency-Key who believed it created a second one.
 """
@@ -40,8 +41,9 @@ class _Link:
 
 
 class CommitCuttingProxy:
-    """TCP proxy to Postgres. Once armed, the next COMMIT is passed on to Postgres and
-    then the connection is cut before Postgres' answer reaches the client."""
+    """TCP proxy to Postgres. Once armed, the next statement that commits a refund (a
+    COMMIT, or the call that records a refund in autocommit) is passed on to Postgres
+    and then the connection is cut before Postgres' answer reaches the client."""
 
     def __init__(self, host: str, port: int) -> None:
         self.target = (host, port)
@@ -66,7 +68,8 @@ class CommitCuttingProxy:
     def _up(self, link: _Link) -> None:
         try:
             while data := link.client.recv(65536):
-                if self.armed.is_set() and b"COMMIT\x00" in data:
+                commits = b"COMMIT\x00" in data or b"initiate_refund(" in data
+                if self.armed.is_set() and commits:
                     self.armed.clear()
                     link.holding.set()
                     link.server.sendall(data)  # Postgres gets the COMMIT and applies it...

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select, text
 
+from shared.adapters.db import WEB_APPLICATION_NAME
 from shared.domain.models import Refund, RefundEvent
 from tests.api.helpers import REFUNDS as PATH
 from tests.api.helpers import assert_error
@@ -221,3 +222,26 @@ def test_unique_ids_per_request(client, settings, db) -> None:
     }
     assert len(ids) == 3
     assert all(i.startswith("rf_") for i in ids)
+
+
+def test_pooled_connections_that_died_are_replaced_without_an_error(
+    client, settings, db
+) -> None:
+    """No ping before each use: a connection Postgres dropped while it sat in the pool
+    (a restart, a failover, an idle timeout) has something to read, its end, and is
+    replaced at checkout, before the statement that records a refund is sent on it."""
+    payment, charge = seed_payment(db, amount=5000)
+    body = {"charge_id": charge.id, "amount_cents": 100}
+    for _ in range(8):  # every web process and thread gets connections
+        assert post(client, settings, body).status_code == 201
+    terminated = db.scalar(
+        text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+             " WHERE datname = current_database() AND application_name = :name"),
+        {"name": WEB_APPLICATION_NAME},
+    )
+    db.commit()
+    assert terminated >= 1
+    answers = [post(client, settings, body) for _ in range(8)]
+    assert [r.status_code for r in answers] == [201] * 8, [r.text for r in answers]
+    created = db.scalar(select(func.count()).where(Refund.payment_id == payment.id))
+    assert created == 16

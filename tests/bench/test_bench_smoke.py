@@ -19,8 +19,8 @@ from tests.conftest import PG_ADMIN_URL
 from tests.support import ROOT
 
 TINY = {
-    "BENCH_PAYMENTS": "400",
-    "BENCH_SECONDS": "1.5",
+    "BENCH_PAYMENTS": "1000",  # each web server initiates on payments of its own
+    "BENCH_SECONDS": "2.5",  # over 2 s, so that CPU is metered (a second of it)
     "BENCH_WARMUP_SECONDS": "0.5",
     "BENCH_CONNECTIONS": "1,8,32",
     "BENCH_DRAIN_REFUNDS": "300",
@@ -57,7 +57,7 @@ def test_bench_prints_every_figure_and_no_request_fails(tmp_path: Path) -> None:
     assert json.loads(output.read_text()) == printed
 
     assert {"cores", "ram_gb", "cpu_model"} <= printed["machine"].keys()
-    assert printed["seed"]["payments"] == 400
+    assert printed["seed"]["payments"] == 1000
     for connections in ("1", "8", "32"):
         phase = printed["initiation"][connections]
         assert phase["connections"] == int(connections)
@@ -71,6 +71,18 @@ def test_bench_prints_every_figure_and_no_request_fails(tmp_path: Path) -> None:
     floor = printed["http_floor"]
     assert floor["ok"] > 0 and floor["errors"] == 0, floor["statuses"]
     assert printed["ratio_http_floor_to_baseline"] > 0
+    assert printed["web_cpu_ms_per_post"] > 0
+
+    # Each web server measured in the same run, keyed by server; the Procfile's on top.
+    assert printed["web_servers"].keys() == {"gunicorn", "granian"}
+    assert printed["web_server"] == "gunicorn"
+    for server in printed["web_servers"].values():
+        top = server["initiation"]["32"]
+        assert top["ok"] > 0 and top["errors"] == 0, top["statuses"]
+        assert top["cpu_ms_per_request"]["web"] > 0
+        assert server["http_floor"]["ok"] > 0 and server["http_floor"]["errors"] == 0
+        assert server["ratio_initiation_to_baseline"] > 0
+    assert printed["initiation"] == printed["web_servers"]["gunicorn"]["initiation"]
 
     baseline = printed["baseline"]
     assert baseline["ops"] > 0 and baseline["errors"] == 0
@@ -94,6 +106,9 @@ def test_bench_prints_every_figure_and_no_request_fails(tmp_path: Path) -> None:
 
     hot = printed["hot_spot"]
     assert hot["ok"] > 0 and hot["errors"] == 0, hot["statuses"]
+    hot_baseline = printed["hot_spot_baseline"]
+    assert hot_baseline["ops"] > 0 and hot_baseline["errors"] == 0
+    assert printed["ratio_hot_spot_to_baseline"] > 0
 
     assert {"web", "worker", "emulator"} <= printed["peak_rss_mb"].keys()
     assert printed["targets"] and all(isinstance(v, bool) for v in printed["targets"].values())

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -72,13 +73,17 @@ def status_of(db: Session, refund_id: str) -> str | None:
 
 def initiate(db: Session, charge_id: str, amount: int) -> str:
     """A pending refund recorded as the API records it, but never enqueued."""
-    return initiate_refund(
-        session=db,
-        request=RefundRequest(charge_id=charge_id, amount_cents=amount, reason=None),
-        initiated_by="support@example.com",
-        idempotency_key=None,
-        fingerprint="",
-    ).refund_id
+    # On the stack's database, with a connection like the API's (autocommit: the call
+    # commits itself).
+    url = db.get_bind().url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url, autocommit=True) as connection:
+        return initiate_refund(
+            connection,
+            request=RefundRequest(charge_id=charge_id, amount_cents=amount, reason=None),
+            initiated_by="support@example.com",
+            idempotency_key=None,
+            fingerprint="",
+        ).refund_id
 
 
 def stuck_refund(stack: Stack, db: Session, *, amount: int = 1_500) -> str:
