@@ -299,9 +299,13 @@ class WebhookDelivery(Base):
         CheckConstraint("status IN ('pending','delivered','failed')", name="status_known"),
         UniqueConstraint("endpoint_id", "event_id", name="uq_webhook_deliveries_endpoint_event"),
         Index("ix_webhook_deliveries_endpoint_created", "endpoint_id", "created_at", "id"),
+        # The head of one endpoint's backlog: what the dispatcher leases and a delivery
+        # task claims, oldest due first.
         Index(
-            "ix_webhook_deliveries_due",
+            "ix_webhook_deliveries_endpoint_due",
+            "endpoint_id",
             "next_attempt_at",
+            "id",
             postgresql_where=text("status = 'pending'"),
         ),
         # The console's "failing deliveries": newest failed attempt first.
