@@ -7,18 +7,22 @@ enqueue retries that came due and anything a lost NOTIFY or message left behind.
 
 In a worker that also makes refunds, at most half of the pool's threads deliver webhooks
 at once: a task that finds no room hands its delivery back for a second later, so
-refunds always have threads, however many endpoints are slow or dead.
+refunds always have threads, however many endpoints are slow or dead. And refunds come
+first for the CPU: while refund tasks run and the process has none to spare, deliveries
+take at most ``REFUNDS_FIRST_SHARE`` of it (``_RefundsFirst``).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import psycopg
 from celery import Task
 from celery.signals import worker_init, worker_ready, worker_shutdown
+from celery.worker import state as worker_state
 
 from shared.adapters import metrics
 from shared.adapters.celery_app import DELIVER_WEBHOOK_TASK, REFUNDS_QUEUE, get_celery
@@ -34,6 +38,64 @@ COALESCE_SECONDS = 0.05
 _slots = threading.BoundedSemaphore(1)
 _stop = threading.Event()
 
+#: The share of the process' CPU deliveries keep while refunds need all of it.
+REFUNDS_FIRST_SHARE = 0.05
+#: "Needs all of it": the process used this much of a core (its GIL's worth) lately.
+BUSY_CORES = 0.7
+#: How often the process' CPU use is looked at.
+CPU_WINDOW_SECONDS = 0.2
+
+
+class _RefundsFirst:
+    """Paces delivery threads while refund tasks run in a process that has no CPU to
+    spare: after each step a delivery thread pauses for what the step cost it, times
+    (1 - share) / share, times the threads delivering, so deliveries together take about
+    ``REFUNDS_FIRST_SHARE`` of the process and refunds the rest. A backlog of events then
+    waits for the refunds rather than slowing them (make bench: the drain beside events
+    out); with refunds idle, or waiting on Stripe with the CPU free, deliveries go at full
+    speed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._delivering = 0
+        self._window = (time.monotonic(), time.process_time())
+        self._busy = False
+
+    def __enter__(self) -> _RefundsFirst:
+        with self._lock:
+            self._delivering += 1
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        with self._lock:
+            self._delivering -= 1
+
+    def pace(self, cpu_seconds: float) -> None:
+        if cpu_seconds > 0 and self._cpu_busy() and _refunds_running():
+            factor = (1 - REFUNDS_FIRST_SHARE) / REFUNDS_FIRST_SHARE
+            time.sleep(cpu_seconds * factor * max(1, self._delivering))
+
+    def _cpu_busy(self) -> bool:
+        now, cpu = time.monotonic(), time.process_time()
+        with self._lock:
+            started, cpu_then = self._window
+            if now - started >= CPU_WINDOW_SECONDS:
+                self._busy = (cpu - cpu_then) / (now - started) >= BUSY_CORES
+                self._window = (now, cpu)
+            return self._busy
+
+
+def _refunds_running() -> bool:
+    """A task other than a delivery is running in this worker."""
+    try:
+        running = list(worker_state.active_requests)
+    except RuntimeError:  # changed by another thread as it was read: look next time
+        return True
+    return any(request.name != DELIVER_WEBHOOK_TASK for request in running)
+
+
+_refunds_first = _RefundsFirst()
+
 
 @app.task(name=DELIVER_WEBHOOK_TASK, bind=True)
 def deliver_webhook(self: Task, delivery_id: str) -> str:
@@ -41,9 +103,11 @@ def deliver_webhook(self: Task, delivery_id: str) -> str:
         webhook_delivery.postpone(str(delivery_id))
         return "busy"
     try:
-        outcomes = webhook_delivery.deliver(
-            str(delivery_id), observe=metrics.observe_webhook_attempt
-        )
+        with _refunds_first:
+            outcomes = webhook_delivery.deliver(
+                str(delivery_id), observe=metrics.observe_webhook_attempt,
+                pace=_refunds_first.pace,
+            )
     finally:
         _slots.release()
     return outcomes[-1].outcome
