@@ -258,6 +258,8 @@ class WebhookOutboxEvent(Base):
     fanned_out_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
+        # Retention deletes by age (shared/services/retention.py).
+        Index("ix_webhook_outbox_created_at", "created_at"),
         Index(
             "ix_webhook_outbox_not_fanned_out",
             "created_at",
@@ -275,8 +277,10 @@ class WebhookDelivery(Base):
     endpoint_id: Mapped[str] = mapped_column(
         ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), nullable=False
     )
-    event_id: Mapped[str] = mapped_column(ForeignKey("webhook_outbox.id"), nullable=False,
-                                          index=True)
+    # Retention deletes an old event with its deliveries (shared/services/retention.py).
+    event_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_outbox.id", ondelete="CASCADE"), nullable=False, index=True
+    )
     status: Mapped[str] = mapped_column(String(20), nullable=False, server_default="pending")
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     # How many delays of WEBHOOK_RETRY_SCHEDULE are used up.
