@@ -8,8 +8,8 @@ enqueue retries that came due and anything a lost NOTIFY or message left behind.
 In a worker that also makes refunds, at most half of the pool's threads deliver webhooks
 at once: a task that finds no room hands its delivery back for a second later, so
 refunds always have threads, however many endpoints are slow or dead. And refunds come
-first for the CPU: while refund tasks run and the process has none to spare, deliveries
-take at most ``REFUNDS_FIRST_SHARE`` of it (``_RefundsFirst``).
+first for the CPU: while refunds keep the process busy, deliveries take about
+``REFUNDS_FIRST_SHARE`` of it (``_RefundsFirst``).
 """
 
 from __future__ import annotations
@@ -38,27 +38,31 @@ COALESCE_SECONDS = 0.05
 _slots = threading.BoundedSemaphore(1)
 _stop = threading.Event()
 
-#: The share of the process' CPU deliveries keep while refunds need all of it.
+#: The share of the process' CPU deliveries keep while refunds need it.
 REFUNDS_FIRST_SHARE = 0.05
-#: "Needs all of it": the process used this much of a core (its GIL's worth) lately.
-BUSY_CORES = 0.7
-#: How often the process' CPU use is looked at.
+#: "Refunds need it": the process' other work (refunds, with Celery's own) used this much
+#: of a core, its interpreter lock's worth, over the last CPU_WINDOW_SECONDS.
+REFUNDS_BUSY_CORES = 0.5
 CPU_WINDOW_SECONDS = 0.2
 
 
 class _RefundsFirst:
-    """Paces delivery threads while refund tasks run in a process that has no CPU to
-    spare: after each step a delivery thread pauses for what the step cost it, times
-    (1 - share) / share, times the threads delivering, so deliveries together take about
-    ``REFUNDS_FIRST_SHARE`` of the process and refunds the rest. A backlog of events then
-    waits for the refunds rather than slowing them (make bench: the drain beside events
-    out); with refunds idle, or waiting on Stripe with the CPU free, deliveries go at full
-    speed."""
+    """Paces delivery threads while refunds keep the process busy: after each step a
+    delivery thread pauses for the CPU the step cost it, times (1 - share) / share, times
+    the threads delivering, so deliveries together take about ``REFUNDS_FIRST_SHARE`` of
+    the process and refunds the rest. A backlog of events then waits for the refunds
+    rather than slowing them (make bench: the refund drain beside events out); with
+    refunds idle, or waiting on Stripe with the CPU free, deliveries go at full speed.
+
+    "Busy" is the process' CPU time less the deliveries' own: how much of the one core
+    a Python process can use the refunds took. (Yielding the interpreter lock and timing
+    its return says nothing: the yielding thread usually takes it straight back.)"""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._delivering = 0
-        self._window = (time.monotonic(), time.process_time())
+        self._delivery_cpu = 0.0
+        self._window = (time.monotonic(), time.process_time(), 0.0)
         self._busy = False
 
     def __enter__(self) -> _RefundsFirst:
@@ -71,18 +75,21 @@ class _RefundsFirst:
             self._delivering -= 1
 
     def pace(self, cpu_seconds: float) -> None:
-        if cpu_seconds > 0 and self._cpu_busy() and _refunds_running():
-            factor = (1 - REFUNDS_FIRST_SHARE) / REFUNDS_FIRST_SHARE
-            time.sleep(cpu_seconds * factor * max(1, self._delivering))
-
-    def _cpu_busy(self) -> bool:
-        now, cpu = time.monotonic(), time.process_time()
         with self._lock:
-            started, cpu_then = self._window
-            if now - started >= CPU_WINDOW_SECONDS:
-                self._busy = (cpu - cpu_then) / (now - started) >= BUSY_CORES
-                self._window = (now, cpu)
-            return self._busy
+            self._delivery_cpu += max(0.0, cpu_seconds)
+            busy, delivering = self._refunds_busy(), self._delivering
+        if busy and cpu_seconds > 0 and _refunds_running():
+            factor = (1 - REFUNDS_FIRST_SHARE) / REFUNDS_FIRST_SHARE
+            time.sleep(cpu_seconds * factor * max(1, delivering))
+
+    def _refunds_busy(self) -> bool:
+        now, cpu = time.monotonic(), time.process_time()
+        started, cpu_then, deliveries_then = self._window
+        if now - started >= CPU_WINDOW_SECONDS:
+            others = (cpu - cpu_then) - (self._delivery_cpu - deliveries_then)
+            self._busy = others / (now - started) >= REFUNDS_BUSY_CORES
+            self._window = (now, cpu, self._delivery_cpu)
+        return self._busy
 
 
 def _refunds_running() -> bool:
