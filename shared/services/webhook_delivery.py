@@ -234,8 +234,9 @@ SELECT (SELECT count(*) FROM marked) AS events, (SELECT count(*) FROM created) A
 
 # Due deliveries of each enabled endpoint, oldest due first, as many as its room: its
 # in-flight cap less those already leased or being attempted. Per endpoint, through
-# ix_webhook_deliveries_endpoint_due, so a dispatch reads the head of each endpoint's
-# backlog, not the whole backlog (a dispatch runs on every commit's NOTIFY).
+# ix_webhook_deliveries_endpoint_due, so a dispatch (one on every commit's NOTIFY) takes
+# the head of each endpoint's backlog instead of ranking the whole backlog; counting
+# what is in flight still reads the endpoint's pending rows through that index.
 _LEASE_DUE = """
 WITH room AS (
     SELECT e.id AS endpoint_id,
