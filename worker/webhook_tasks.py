@@ -41,8 +41,10 @@ _stop = threading.Event()
 #: The share of the process' CPU deliveries keep while refunds need it.
 REFUNDS_FIRST_SHARE = 0.05
 #: "Refunds need it": the process' other work (refunds, with Celery's own) used this much
-#: of a core, its interpreter lock's worth, over the last CPU_WINDOW_SECONDS.
-REFUNDS_BUSY_CORES = 0.5
+#: of a core, its interpreter lock's worth, over the last CPU_WINDOW_SECONDS. Low, because
+#: deliveries left unpaced take CPU from refunds and so keep this reading down: at half a
+#: core, a loaded machine kept deliveries unpaced (a fifth of the worker; drain ratio 0.54).
+REFUNDS_BUSY_CORES = 0.25
 CPU_WINDOW_SECONDS = 0.2
 
 
@@ -52,7 +54,7 @@ class _RefundsFirst:
     the threads delivering, so deliveries together take about ``REFUNDS_FIRST_SHARE`` of
     the process and refunds the rest. A backlog of events then waits for the refunds
     rather than slowing them (make bench: the refund drain beside events out); with
-    refunds idle, or waiting on Stripe with the CPU free, deliveries go at full speed.
+    refunds idle or few, deliveries go at full speed.
 
     "Busy" is the process' CPU time less the deliveries' own: how much of the one core
     a Python process can use the refunds took. (Yielding the interpreter lock and timing
