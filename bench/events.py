@@ -158,6 +158,7 @@ def throughput(bench: Bench, receiver: Receiver, refunds: int, backlog: int) -> 
     started = time.monotonic()
     bench.start_workers(bench.config.workers, bench.config.worker_concurrency,
                         STRIPE_MAX_RPS="100000")
+    spy = bench.profile_worker("profile-worker-events") if bench.config.profile else None
     drain = bench.drain("drain with a subscriber", pending, timeout=1800)
     expected = 2 * pending + backlog  # created and succeeded of each refund, the backlog
     deadline = time.monotonic() + 600
@@ -165,6 +166,8 @@ def throughput(bench: Bench, receiver: Receiver, refunds: int, backlog: int) -> 
         time.sleep(0.2)
     seconds = time.monotonic() - started
     delivered = receiver.count - before
+    if spy is not None:
+        spy.wait(120)
     without = bench.result.get("drain", {}).get("refunds_per_s")
     ratio = round(drain["refunds_per_s"] / without, 3) if without else None
     return {

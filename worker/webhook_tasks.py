@@ -7,18 +7,23 @@ enqueue retries that came due and anything a lost NOTIFY or message left behind.
 
 In a worker that also makes refunds, at most half of the pool's threads deliver webhooks
 at once: a task that finds no room hands its delivery back for a second later, so
-refunds always have threads, however many endpoints are slow or dead.
+refunds always have threads, however many endpoints are slow or dead. And refunds come
+first for the CPU: while refunds keep the process busy, deliveries take about
+``REFUNDS_FIRST_SHARE`` of it (``_RefundsFirst``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from typing import Any
 
 import psycopg
 from celery import Task
 from celery.signals import worker_init, worker_ready, worker_shutdown
+from celery.worker import state as worker_state
 
 from shared.adapters import metrics
 from shared.adapters.celery_app import DELIVER_WEBHOOK_TASK, REFUNDS_QUEUE, get_celery
@@ -34,6 +39,86 @@ COALESCE_SECONDS = 0.05
 _slots = threading.BoundedSemaphore(1)
 _stop = threading.Event()
 
+#: The share of the process' CPU deliveries keep while refunds need it.
+REFUNDS_FIRST_SHARE = 0.05
+#: "Refunds need it": the process' other work (refunds, with Celery's own) used this much
+#: of a core, its interpreter lock's worth, over the last CPU_WINDOW_SECONDS. Low, because
+#: deliveries left unpaced take CPU from refunds and so keep this reading down: at half a
+#: core, a loaded machine kept deliveries unpaced (a fifth of the worker; drain ratio 0.54).
+REFUNDS_BUSY_CORES = 0.25
+CPU_WINDOW_SECONDS = 0.2
+#: ... and only while the CPU is what refunds wait for: the process uses this much of its
+#: one core, or the machine's load is at its core count. Refunds held back by Stripe's
+#: rate limit (the usual state at Stripe's limit) leave the CPU free, and pacing then
+#: would only let events pile up (two a refund, faster than a paced worker sends them).
+CPU_BOUND_CORES = 0.85
+
+
+class _RefundsFirst:
+    """Paces delivery threads while refunds keep the process busy: after each step a
+    delivery thread pauses for the CPU the step cost it, times (1 - share) / share, times
+    the threads delivering, so deliveries together take about ``REFUNDS_FIRST_SHARE`` of
+    the process and refunds the rest. A backlog of events then waits for the refunds
+    rather than slowing them (make bench: the refund drain beside events out); with
+    refunds idle or few, deliveries go at full speed.
+
+    "Busy" is the process' CPU time less the deliveries' own: how much of the one core
+    a Python process can use the refunds took. (Yielding the interpreter lock and timing
+    its return says nothing: the yielding thread usually takes it straight back.)"""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._delivering = 0
+        self._delivery_cpu = 0.0
+        self._window = (time.monotonic(), time.process_time(), 0.0)
+        self._busy = False
+
+    def __enter__(self) -> _RefundsFirst:
+        with self._lock:
+            self._delivering += 1
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        with self._lock:
+            self._delivering -= 1
+
+    def pace(self, cpu_seconds: float) -> None:
+        with self._lock:
+            self._delivery_cpu += max(0.0, cpu_seconds)
+            busy, delivering = self._refunds_busy(), self._delivering
+        if busy and cpu_seconds > 0 and _refunds_running():
+            factor = (1 - REFUNDS_FIRST_SHARE) / REFUNDS_FIRST_SHARE
+            time.sleep(cpu_seconds * factor * max(1, delivering))
+
+    def _refunds_busy(self) -> bool:
+        now, cpu = time.monotonic(), time.process_time()
+        started, cpu_then, deliveries_then = self._window
+        if now - started >= CPU_WINDOW_SECONDS:
+            elapsed = now - started
+            others = (cpu - cpu_then) - (self._delivery_cpu - deliveries_then)
+            self._busy = others / elapsed >= REFUNDS_BUSY_CORES and _cpu_bound(
+                (cpu - cpu_then) / elapsed)
+            self._window = (now, cpu, self._delivery_cpu)
+        return self._busy
+
+
+def _cpu_bound(process_cores: float) -> bool:
+    """The process has no CPU to spare: its interpreter lock's core is nearly used up, or
+    the machine's run queue is as long as it has cores."""
+    return process_cores >= CPU_BOUND_CORES or os.getloadavg()[0] >= (os.cpu_count() or 1)
+
+
+def _refunds_running() -> bool:
+    """A task other than a delivery is running in this worker."""
+    try:
+        running = list(worker_state.active_requests)
+    except RuntimeError:  # changed by another thread as it was read: look next time
+        return True
+    return any(request.name != DELIVER_WEBHOOK_TASK for request in running)
+
+
+_refunds_first = _RefundsFirst()
+
 
 @app.task(name=DELIVER_WEBHOOK_TASK, bind=True)
 def deliver_webhook(self: Task, delivery_id: str) -> str:
@@ -41,9 +126,11 @@ def deliver_webhook(self: Task, delivery_id: str) -> str:
         webhook_delivery.postpone(str(delivery_id))
         return "busy"
     try:
-        outcomes = webhook_delivery.deliver(
-            str(delivery_id), observe=metrics.observe_webhook_attempt
-        )
+        with _refunds_first:
+            outcomes = webhook_delivery.deliver(
+                str(delivery_id), observe=metrics.observe_webhook_attempt,
+                pace=_refunds_first.pace,
+            )
     finally:
         _slots.release()
     return outcomes[-1].outcome

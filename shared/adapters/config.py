@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     # their records may not go sooner; Stripe redelivers an event for 3 days at most.
     idempotency_retention_seconds: float = Field(default=24 * 3600.0, ge=24 * 3600.0)
     stripe_event_retention_seconds: float = Field(default=30 * 24 * 3600.0, ge=3 * 24 * 3600.0)
+    # Refund events out with their delivery log (those still being delivered stay); at
+    # least a day, so the log shows what went out lately.
+    webhook_event_retention_seconds: float = Field(default=30 * 24 * 3600.0, ge=24 * 3600.0)
 
     # Worker retries of transient Stripe errors (SPEC 6): countdown base * 2**n with jitter,
     # capped by celery_app.MAX_RETRY_COUNTDOWN_SECONDS; after max_attempts the reconciler owns it.

@@ -264,6 +264,8 @@ class WebhookOutboxEvent(Base):
     fanned_out_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
+        # Retention deletes by age (shared/services/retention.py).
+        Index("ix_webhook_outbox_created_at", "created_at"),
         Index(
             "ix_webhook_outbox_not_fanned_out",
             "created_at",
@@ -281,8 +283,10 @@ class WebhookDelivery(Base):
     endpoint_id: Mapped[str] = mapped_column(
         ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), nullable=False
     )
-    event_id: Mapped[str] = mapped_column(ForeignKey("webhook_outbox.id"), nullable=False,
-                                          index=True)
+    # Retention deletes an old event with its deliveries (shared/services/retention.py).
+    event_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_outbox.id", ondelete="CASCADE"), nullable=False, index=True
+    )
     status: Mapped[str] = mapped_column(String(20), nullable=False, server_default="pending")
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     # How many delays of WEBHOOK_RETRY_SCHEDULE are used up.
@@ -305,9 +309,13 @@ class WebhookDelivery(Base):
         CheckConstraint("status IN ('pending','delivered','failed')", name="status_known"),
         UniqueConstraint("endpoint_id", "event_id", name="uq_webhook_deliveries_endpoint_event"),
         Index("ix_webhook_deliveries_endpoint_created", "endpoint_id", "created_at", "id"),
+        # The head of one endpoint's backlog: what the dispatcher leases and a delivery
+        # task claims, oldest due first.
         Index(
-            "ix_webhook_deliveries_due",
+            "ix_webhook_deliveries_endpoint_due",
+            "endpoint_id",
             "next_attempt_at",
+            "id",
             postgresql_where=text("status = 'pending'"),
         ),
         # The console's "failing deliveries": newest failed attempt first.

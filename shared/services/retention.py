@@ -4,6 +4,11 @@
   honoured for 24 h (``shared.services.idempotency``), after which its record is dead weight.
 - Processed Stripe event ids past ``STRIPE_EVENT_RETENTION_SECONDS`` (30 days): Stripe
   redelivers an event for three days at most, so an id older than that cannot repeat.
+- Refund events out past ``WEBHOOK_EVENT_RETENTION_SECONDS`` (30 days), with their
+  deliveries and attempts (the foreign keys cascade): the delivery log keeps a month.
+  An event still being delivered to some endpoint, or not yet fanned out, stays. The
+  audit trail itself (``refund_events``) is never deleted, and an event's ``sequence``
+  is counted from it (migration 0015), so a refund's later events keep counting on.
 
 Deleted in batches of ``BATCH_SIZE`` rows, each in a short transaction of its own and
 through an index on the row's time, so a big backlog (the first pass after a deploy)
@@ -39,6 +44,11 @@ class _Table:
 IDEMPOTENCY_RECORDS = _Table("idempotency_records", "created_at")
 # An event stored but not yet applied still has work to do (SPEC 3.3): never lost.
 STRIPE_EVENTS = _Table("stripe_events", "received_at", keep="applied_at IS NULL")
+WEBHOOK_EVENTS = _Table(
+    "webhook_outbox", "created_at",
+    keep="fanned_out_at IS NULL OR EXISTS (SELECT 1 FROM webhook_deliveries d "
+         "WHERE d.event_id = webhook_outbox.id AND d.status = 'pending')",
+)
 
 
 def delete_expired(
@@ -53,6 +63,10 @@ def delete_expired(
         ),
         "stripe_events_deleted": _delete_older_than(
             STRIPE_EVENTS, settings.stripe_event_retention_seconds,
+            batch_size=batch_size, max_batches=max_batches,
+        ),
+        "webhook_events_deleted": _delete_older_than(
+            WEBHOOK_EVENTS, settings.webhook_event_retention_seconds,
             batch_size=batch_size, max_batches=max_batches,
         ),
     }

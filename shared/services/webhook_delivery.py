@@ -7,18 +7,23 @@ How an event travels:
    ``WEBHOOK_DISPATCH_INTERVAL_SECONDS``, and by each reconcile pass) creates one
    ``webhook_deliveries`` row per enabled, subscribed endpoint and marks the event
    fanned out, in one transaction; then it leases the deliveries that are due and
-   enqueues ``refunds.webhooks.deliver(id)`` for each on the ``refunds.webhooks`` queue.
-   A lease that runs out (the message was lost with Redis, the worker was killed) makes
-   the delivery due again: nothing is lost between a commit and an enqueue.
-3. ``deliver`` claims the delivery (exclusive for longer than one attempt can take),
-   lets go of its database connection, signs and POSTs, then records the attempt: a
-   2xx is delivered; anything else is retried after the next delay of
-   ``WEBHOOK_RETRY_SCHEDULE``, and failed after the last.
+   enqueues ``refunds.webhooks.deliver(id)`` on the ``refunds.webhooks`` queue, one
+   message per ``DELIVERY_BATCH`` of an endpoint's leased deliveries. A lease that runs
+   out (the message was lost with Redis, the worker was killed) makes the delivery due
+   again: nothing is lost between a commit and an enqueue.
+3. ``deliver`` claims the delivery it was given (exclusive for longer than the task can
+   take), lets go of its database connection, signs and POSTs it; once delivered, it
+   claims the endpoint's next due ones, ``DELIVERY_BATCH`` at a time, and sends each
+   (its own request and ``webhook-id``) over the same keep-alive connection, recording
+   every attempt of a batch in one statement: a 2xx is delivered; anything else is
+   retried after the next delay of ``WEBHOOK_RETRY_SCHEDULE``, and failed after the last.
 
 One endpoint never holds up another, nor refunds: the dispatcher gives each endpoint
-at most ``ENDPOINT_IN_FLIGHT`` deliveries in flight (one while it is failing), so a
-dead endpoint with thousands of events waiting occupies one worker thread, for at
-most ``WEBHOOK_TIMEOUT_SECONDS`` per attempt, whatever its backlog.
+at most ``ENDPOINT_IN_FLIGHT`` deliveries in flight (one while it is failing; a task
+holds one until its first success, and a failure ends a batch), so a dead endpoint with
+thousands of events waiting occupies one worker thread, for at most
+``WEBHOOK_TIMEOUT_SECONDS`` per attempt, whatever its backlog; a task starts no attempt
+after ``TASK_SECONDS``.
 """
 
 from __future__ import annotations
@@ -52,16 +57,21 @@ from shared.domain.outbound_events import ALL_EVENTS, check_endpoint_url, event_
 
 log = logging.getLogger(__name__)
 
-#: Deliveries of one healthy endpoint in flight at once; one while it is failing.
-ENDPOINT_IN_FLIGHT = 4
+#: Deliveries one task sends, each its own signed request, over one keep-alive
+#: connection to their endpoint, and records in one statement: the per-event cost of a
+#: task, a connection and a transaction was most of a delivery's (make bench).
+DELIVERY_BATCH = 50
+#: Deliveries of one healthy endpoint leased or being attempted at once (so at most four
+#: tasks of DELIVERY_BATCH); one while it is failing.
+ENDPOINT_IN_FLIGHT = 4 * DELIVERY_BATCH
 #: Events fanned out and deliveries leased per dispatch; the rest next time.
 DISPATCH_BATCH = 1000
 #: Advisory lock key of "a dispatch is running" (one at a time across processes).
 DISPATCH_LOCK = (7_310_014, 0)
-#: A worker task goes on with the endpoint's next due delivery after a success, for
-#: this long at most, instead of waiting for the next dispatch (throughput to a fast
-#: endpoint); then it hands the next one to the queue.
-CHAIN_SECONDS = 2.0
+#: A task starts no new attempt after this long: it goes on with the endpoint's next due
+#: batch after a success until then (throughput to a fast endpoint), then hands the next
+#: one to the queue. Its longest run is this plus one attempt's WEBHOOK_TIMEOUT_SECONDS.
+TASK_SECONDS = 2.0
 ATTEMPT_LOG_SHOWN = 20
 ID_MAX = 40
 
@@ -222,29 +232,38 @@ WITH batch AS (
 SELECT (SELECT count(*) FROM marked) AS events, (SELECT count(*) FROM created) AS deliveries
 """
 
-# Due deliveries, at most ENDPOINT_IN_FLIGHT per endpoint counting those already
-# leased or running (one for an endpoint that is failing), oldest due first.
+# Due deliveries of each enabled endpoint, oldest due first, as many as its room: its
+# in-flight cap less those already leased or being attempted. Per endpoint, through
+# ix_webhook_deliveries_endpoint_due, so a dispatch (one on every commit's NOTIFY) takes
+# the head of each endpoint's backlog instead of ranking the whole backlog; counting
+# what is in flight still reads the endpoint's pending rows through that index.
 _LEASE_DUE = """
-WITH busy AS (
-    SELECT endpoint_id, count(*) AS n FROM webhook_deliveries
-    WHERE status = 'pending' AND (scheduled_until > now() OR attempting_until > now())
-    GROUP BY endpoint_id
+WITH room AS (
+    SELECT e.id AS endpoint_id,
+           CASE WHEN e.failing_since IS NULL THEN :in_flight ELSE 1 END - (
+               SELECT count(*) FROM webhook_deliveries b
+               WHERE b.endpoint_id = e.id AND b.status = 'pending'
+                 AND (b.scheduled_until > now() OR b.attempting_until > now())
+           ) AS n
+    FROM webhook_endpoints e WHERE e.enabled
 ), due AS (
-    SELECT d.id, d.endpoint_id,
-           row_number() OVER (PARTITION BY d.endpoint_id ORDER BY d.next_attempt_at, d.id)
-               AS rank,
-           CASE WHEN e.failing_since IS NULL THEN :in_flight ELSE 1 END AS cap
-    FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id
-    WHERE d.status = 'pending' AND e.enabled AND d.next_attempt_at <= now()
-      AND (d.scheduled_until IS NULL OR d.scheduled_until <= now())
-      AND (d.attempting_until IS NULL OR d.attempting_until <= now())
+    SELECT d.id, room.endpoint_id,
+           row_number() OVER (PARTITION BY room.endpoint_id
+                              ORDER BY d.next_attempt_at, d.id) AS rank
+    FROM room CROSS JOIN LATERAL (
+        SELECT id, next_attempt_at FROM webhook_deliveries d
+        WHERE d.endpoint_id = room.endpoint_id AND d.status = 'pending'
+          AND d.next_attempt_at <= now()
+          AND (d.scheduled_until IS NULL OR d.scheduled_until <= now())
+          AND (d.attempting_until IS NULL OR d.attempting_until <= now())
+        ORDER BY d.next_attempt_at, d.id
+        LIMIT least(greatest(room.n, 0), :batch)
+    ) d
 )
 UPDATE webhook_deliveries d
 SET scheduled_until = now() + make_interval(secs => :lease)
-FROM due LEFT JOIN busy ON busy.endpoint_id = due.endpoint_id
-WHERE d.id = due.id AND due.rank + coalesce(busy.n, 0) <= due.cap
-  AND due.rank <= :batch
-RETURNING d.id
+FROM due WHERE d.id = due.id
+RETURNING d.id, due.rank
 """
 
 
@@ -269,14 +288,16 @@ def dispatch_once(
         if session.scalar(select(lock(*DISPATCH_LOCK))) is False:
             return {"skipped": True}
         fanned = session.execute(text(_FAN_OUT), {"batch": DISPATCH_BATCH}).one()
-        ids = list(
-            session.scalars(
-                text(_LEASE_DUE),
-                {"in_flight": ENDPOINT_IN_FLIGHT, "lease": lease_seconds(settings),
-                 "batch": DISPATCH_BATCH},
-            )
-        )
+        leased = session.execute(
+            text(_LEASE_DUE),
+            {"in_flight": ENDPOINT_IN_FLIGHT, "lease": lease_seconds(settings),
+             "batch": DISPATCH_BATCH},
+        ).all()
         session.commit()
+    # One task per DELIVERY_BATCH leased deliveries of an endpoint: it is given the first
+    # and claims the rest itself.
+    ids = [row.id for row in sorted(leased, key=lambda row: row.rank)
+           if (row.rank - 1) % DELIVERY_BATCH == 0]
     enqueued = sum(1 for delivery_id in ids if enqueue(delivery_id))
     return {"skipped": False, "events": int(fanned.events),
             "deliveries_created": int(fanned.deliveries), "enqueued": enqueued}
@@ -293,11 +314,12 @@ def dispatch_in_reconcile() -> int:
     return int(result.get("enqueued", 0))
 
 
-# -- one delivery ----------------------------------------------------------------------
+# -- delivering a batch -----------------------------------------------------------------
 # Plain SQL on the session's psycopg connection (``driver_cursor``): a delivery to a fast
-# endpoint is a few statements and one HTTP request, and the ORM's per-statement cost was
-# most of its CPU (bench/events.py). One transaction claims a delivery and reads its
-# event; one records the attempt and, after a success, claims the endpoint's next one.
+# endpoint is an HTTP request and a share of a few statements, and the ORM's per-statement
+# cost was most of its CPU (bench/events.py). One transaction claims a batch and reads
+# its events; one records every attempt of the batch and, after a success, claims the
+# endpoint's next batch.
 
 _CLAIMED = """
     d.id, d.endpoint_id, d.event_id, d.schedule_step, d.resend_requested_by,
@@ -306,7 +328,10 @@ _CLAIMED = """
     CASE WHEN e.previous_secret_expires_at > now() THEN e.previous_secret END
         AS previous_secret
 """
+_CLAIMED_NAMES = """id, endpoint_id, event_id, schedule_step, resend_requested_by, url, secret,
+    failing_since, type, sequence, previous_status, refund, occurred_at, previous_secret"""
 
+# The delivery a task was given, if it is still due and nobody is attempting it.
 _CLAIM = f"""
 UPDATE webhook_deliveries d
 SET attempting_until = now() + make_interval(secs => %(hold)s), scheduled_until = NULL
@@ -317,22 +342,25 @@ WHERE d.id = %(id)s AND e.id = d.endpoint_id AND o.id = d.event_id AND e.enabled
 RETURNING {_CLAIMED}
 """  # noqa: S608 - built from constants only
 
-# The endpoint's next due delivery, claimed by the task that just delivered one: even
-# one enqueued and waiting for a thread (its message then finds nothing to do), so a
-# busy endpoint's deliveries never wait behind the queue.
-_NEXT_DUE = """
-SELECT id FROM webhook_deliveries
-WHERE endpoint_id = %(endpoint_id)s AND status = 'pending' AND next_attempt_at <= now()
-  AND (attempting_until IS NULL OR attempting_until <= now())
-ORDER BY next_attempt_at, id LIMIT 1 FOR UPDATE SKIP LOCKED
-"""
-_CLAIM_NEXT = f"""
-UPDATE webhook_deliveries d
-SET attempting_until = now() + make_interval(secs => %(hold)s), scheduled_until = NULL
-FROM webhook_endpoints e, webhook_outbox o
-WHERE e.id = d.endpoint_id AND o.id = d.event_id AND e.enabled AND d.id = ({_NEXT_DUE})
-RETURNING {_CLAIMED}
+# Up to %(limit)s more due deliveries of an endpoint, oldest due first: even ones enqueued
+# and waiting for a thread (their messages then find nothing to do), so a busy endpoint's
+# deliveries never wait behind the queue.
+_CLAIM_MORE = f"""
+WITH batch AS (
+    SELECT id FROM webhook_deliveries
+    WHERE endpoint_id = %(endpoint_id)s AND status = 'pending' AND next_attempt_at <= now()
+      AND (attempting_until IS NULL OR attempting_until <= now())
+    ORDER BY next_attempt_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE webhook_deliveries d
+    SET attempting_until = now() + make_interval(secs => %(hold)s), scheduled_until = NULL
+    FROM batch, webhook_endpoints e, webhook_outbox o
+    WHERE d.id = batch.id AND e.id = d.endpoint_id AND o.id = d.event_id AND e.enabled
+    RETURNING {_CLAIMED}, d.next_attempt_at AS due
+)
+SELECT {_CLAIMED_NAMES} FROM claimed ORDER BY due, id
 """  # noqa: S608 - built from constants only
+
 # Or, when the task has gone on long enough, the next one not already enqueued is
 # handed to the queue.
 _LEASE_NEXT = """
@@ -347,24 +375,37 @@ WHERE id = (
 RETURNING id
 """
 
+# Every attempt of a batch in one statement: its log rows, its deliveries' new state, and
+# the claimed deliveries the task did not get to let go of.
 _RECORD = """
-WITH attempt AS (
+WITH outcome AS (
+    SELECT * FROM unnest(
+        %(ids)s::text[], %(attempted_at)s::timestamptz[], %(duration_ms)s::int[],
+        %(status_code)s::int[], %(error)s::text[], %(response_body)s::text[],
+        %(requested_by)s::text[], %(status)s::text[], %(step)s::int[], %(delay)s::float8[]
+    ) AS t(id, attempted_at, duration_ms, status_code, error, response_body, requested_by,
+           status, step, delay)
+), attempt AS (
     INSERT INTO webhook_delivery_attempts (delivery_id, attempted_at, duration_ms,
                                            status_code, error, response_body, requested_by)
-    VALUES (%(id)s, %(attempted_at)s, %(duration_ms)s, %(status_code)s, %(error)s,
-            %(response_body)s, %(requested_by)s)
+    SELECT id, attempted_at, duration_ms, status_code, error, response_body, requested_by
+    FROM outcome
+), released AS (
+    UPDATE webhook_deliveries SET attempting_until = NULL
+    WHERE id = ANY(%(unattempted)s::text[]) AND status = 'pending'
 )
-UPDATE webhook_deliveries SET
-    status = %(status)s::text,
-    attempts = attempts + 1,
-    schedule_step = %(step)s,
-    next_attempt_at = CASE WHEN %(status)s::text = 'pending'
-        THEN now() + make_interval(secs => %(delay)s) END,
-    delivered_at = CASE WHEN %(status)s::text = 'delivered' THEN now() ELSE delivered_at END,
+UPDATE webhook_deliveries d SET
+    status = o.status,
+    attempts = d.attempts + 1,
+    schedule_step = o.step,
+    next_attempt_at = CASE WHEN o.status = 'pending'
+        THEN now() + make_interval(secs => o.delay) END,
+    delivered_at = CASE WHEN o.status = 'delivered' THEN now() ELSE d.delivered_at END,
     attempting_until = NULL, scheduled_until = NULL, resend_requested_by = NULL,
-    last_attempt_at = %(attempted_at)s, last_status_code = %(status_code)s,
-    last_error = %(error)s, updated_at = now()
-WHERE id = %(id)s
+    last_attempt_at = o.attempted_at, last_status_code = o.status_code,
+    last_error = o.error, updated_at = now()
+FROM outcome o
+WHERE d.id = o.id
 """
 
 
@@ -402,96 +443,149 @@ class Outcome:
     seconds: float = 0.0
 
 
+@dataclass(frozen=True)
+class _Attempt:
+    claimed: Claimed
+    answer: outbound_http.Answer
+    attempted_at: datetime
+
+
 def deliver(
     delivery_id: str,
     *,
-    post: Callable[..., outbound_http.Answer] = outbound_http.post,
     enqueue: Callable[[str], bool] | None = None,
     observe: Callable[[Outcome], None] | None = None,
+    pace: Callable[[float], None] | None = None,
 ) -> list[Outcome]:
-    """Attempt one delivery now; after a success, go on with the same endpoint's next due
-    ones for up to ``CHAIN_SECONDS``, then hand the next one to the queue. Returns what
-    each attempt did."""
+    """Attempt the given delivery now; once it is delivered, go on with batches of up to
+    DELIVERY_BATCH due ones of the same endpoint, oldest first, one request each over the
+    same connection, until a failure or ``TASK_SECONDS``; then hand the next one to the
+    queue.
+    ``pace`` is told the CPU seconds of this thread after each attempt and each record
+    (the worker pauses deliveries there to leave refunds the CPU). Returns what each
+    attempt did."""
     from shared.adapters.celery_app import enqueue_webhook_delivery
 
     enqueue = enqueue or enqueue_webhook_delivery
     settings = get_settings()
-    hold = settings.webhook_timeout_seconds + 15
+    # Longer than a task can attempt (TASK_SECONDS and one attempt's timeout): a worker
+    # killed mid-batch leaves its deliveries due again after this, never lost.
+    hold = settings.webhook_timeout_seconds + TASK_SECONDS + 15
     with unit_of_work() as session:
         row = driver_cursor(session).execute(_CLAIM, {"id": delivery_id, "hold": hold}).fetchone()
-        session.commit()  # the connection goes back to the pool before the HTTP call
-    if row is None:
+        session.commit()  # the connection goes back to the pool before the HTTP calls
+    # The given one first, alone: an endpoint that does not answer holds one delivery
+    # per task, not a batch; after it is delivered, the endpoint's next due ones follow.
+    batch = [Claimed(**row._asdict())] if row is not None else []
+    if not batch:
         return [Outcome(delivery_id, "skipped")]
-    claimed: Claimed | None = Claimed(**row._asdict())
     outcomes: list[Outcome] = []
     started = time.monotonic()
-    while claimed is not None:
-        body = claimed.body()
-        attempted_at = datetime.now(UTC)
-        headers = signed_request(secret=claimed.secret, event_id=claimed.event_id, body=body,
-                                 now=attempted_at, previous_secret=claimed.previous_secret)
-        if settings.is_production and not claimed.url.startswith("https://"):
-            # Saved before the service ran in production: never sent in the clear there.
-            answer = outbound_http.Answer(
-                status=None, body=None, seconds=0.0,
-                error="refused: production sends events only to https:// URLs",
-            )
-        else:
-            answer = post(claimed.url, body.encode(), headers,
-                          timeout=settings.webhook_timeout_seconds)
-        then = "claim" if time.monotonic() - started < CHAIN_SECONDS else "lease"
-        result, claimed, handed = _record(claimed, answer, attempted_at=attempted_at,
-                                          settings=settings, then=then, hold=hold)
-        outcomes.append(result)
-        if observe is not None:
-            observe(result)
-        if handed is not None:
-            enqueue(handed)
+    cpu = time.thread_time()
+
+    def step_done() -> None:
+        nonlocal cpu
+        if pace is not None:
+            pace(time.thread_time() - cpu)
+            cpu = time.thread_time()
+
+    with outbound_http.Sender(batch[0].url) as sender:
+        while batch:
+            attempts: list[_Attempt] = []
+            for claimed in batch:
+                attempts.append(_attempt(claimed, sender, settings))
+                step_done()
+                if not attempts[-1].answer.delivered:
+                    break  # the endpoint is failing: the rest wait for their turn
+                if time.monotonic() - started >= TASK_SECONDS:
+                    break
+            then = "claim" if time.monotonic() - started < TASK_SECONDS else "lease"
+            results, batch, handed = _record(attempts, batch[len(attempts):],
+                                             settings=settings, then=then, hold=hold)
+            outcomes += results
+            step_done()
+            if observe is not None:
+                for result in results:
+                    observe(result)
+            if handed is not None:
+                enqueue(handed)
     return outcomes
 
 
-def _record(
-    claimed: Claimed, answer: outbound_http.Answer, *, attempted_at: datetime,
-    settings: Settings, then: str, hold: float,
-) -> tuple[Outcome, Claimed | None, str | None]:
-    """Record an attempt; after a success, claim (or lease, to hand to the queue) the
-    endpoint's next due delivery in the same transaction."""
-    delays = settings.webhook_retry_delays
-    step = claimed.schedule_step + 1
-    if answer.delivered:
-        outcome, status, step = "delivered", "delivered", claimed.schedule_step
-    elif step > len(delays):
-        outcome, status = "failed", "failed"
+def _claim_more(cursor: Any, endpoint_id: str, limit: int, hold: float) -> list[Claimed]:
+    rows = cursor.execute(_CLAIM_MORE, {"endpoint_id": endpoint_id, "limit": limit,
+                                        "hold": hold}).fetchall()
+    return [Claimed(**row._asdict()) for row in rows]
+
+
+def _attempt(claimed: Claimed, sender: outbound_http.Sender, settings: Settings) -> _Attempt:
+    body = claimed.body()
+    attempted_at = datetime.now(UTC)
+    if settings.is_production and not claimed.url.startswith("https://"):
+        # Saved before the service ran in production: never sent in the clear there.
+        answer = outbound_http.Answer(
+            status=None, body=None, seconds=0.0,
+            error="refused: production sends events only to https:// URLs",
+        )
     else:
-        outcome, status = "retry", "pending"
-    following: Claimed | None = None
+        headers = signed_request(secret=claimed.secret, event_id=claimed.event_id, body=body,
+                                 now=attempted_at, previous_secret=claimed.previous_secret)
+        answer = sender.post(body.encode(), headers, timeout=settings.webhook_timeout_seconds)
+    return _Attempt(claimed, answer, attempted_at)
+
+
+def _record(
+    attempts: list[_Attempt], unattempted: list[Claimed], *, settings: Settings, then: str,
+    hold: float,
+) -> tuple[list[Outcome], list[Claimed], str | None]:
+    """Record a batch's attempts (and let go of the deliveries it did not get to); after
+    a batch all delivered, claim (or lease, to hand to the queue) the endpoint's next in
+    the same transaction."""
+    delays = settings.webhook_retry_delays
+    rows: dict[str, list[Any]] = {name: [] for name in (
+        "ids", "attempted_at", "duration_ms", "status_code", "error", "response_body",
+        "requested_by", "status", "step", "delay")}
+    results: list[Outcome] = []
+    for attempt in attempts:
+        claimed, answer = attempt.claimed, attempt.answer
+        step = claimed.schedule_step + 1
+        if answer.delivered:
+            outcome, status, step = "delivered", "delivered", claimed.schedule_step
+        elif step > len(delays):
+            outcome, status = "failed", "failed"
+        else:
+            outcome, status = "retry", "pending"
+        for name, value in (
+            ("ids", claimed.id), ("attempted_at", attempt.attempted_at),
+            ("duration_ms", round(answer.seconds * 1000)), ("status_code", answer.status),
+            ("error", answer.error), ("response_body", answer.body),
+            ("requested_by", claimed.resend_requested_by), ("status", status),
+            ("step", step), ("delay", float(delays[step - 1]) if outcome == "retry" else 0.0),
+        ):
+            rows[name].append(value)
+        results.append(Outcome(claimed.id, outcome, answer.status, answer.error,
+                               answer.seconds))
+    endpoint_id = attempts[0].claimed.endpoint_id
+    delivered = all(result.outcome == "delivered" for result in results)
+    following: list[Claimed] = []
     handed: str | None = None
     with unit_of_work() as session:
         cursor = driver_cursor(session)
-        cursor.execute(_RECORD, {
-            "id": claimed.id, "attempted_at": attempted_at,
-            "duration_ms": round(answer.seconds * 1000), "status_code": answer.status,
-            "error": answer.error, "response_body": answer.body,
-            "requested_by": claimed.resend_requested_by, "status": status, "step": step,
-            "delay": delays[step - 1] if outcome == "retry" else 0,
-        })
-        if outcome == "delivered":
-            if claimed.failing_since is not None:
+        cursor.execute(_RECORD, {**rows, "unattempted": [c.id for c in unattempted]})
+        if delivered:
+            if any(a.claimed.failing_since is not None for a in attempts):
                 cursor.execute("UPDATE webhook_endpoints SET failing_since = NULL "
-                               "WHERE id = %(id)s", {"id": claimed.endpoint_id})
-            params = {"endpoint_id": claimed.endpoint_id, "hold": hold,
-                      "lease": lease_seconds(settings)}
+                               "WHERE id = %(id)s", {"id": endpoint_id})
             if then == "claim":
-                row = cursor.execute(_CLAIM_NEXT, params).fetchone()
-                following = Claimed(**row._asdict()) if row is not None else None
+                following = _claim_more(cursor, endpoint_id, DELIVERY_BATCH, hold)
             else:
-                row = cursor.execute(_LEASE_NEXT, params).fetchone()
+                row = cursor.execute(_LEASE_NEXT, {"endpoint_id": endpoint_id,
+                                                   "lease": lease_seconds(settings)}).fetchone()
                 handed = row.id if row is not None else None
         else:
-            _note_failure(session, claimed.endpoint_id, settings)
+            _note_failure(session, endpoint_id, settings)
         session.commit()
-    return (Outcome(claimed.id, outcome, answer.status, answer.error, answer.seconds),
-            following, handed)
+    return results, following, handed
 
 
 def _note_failure(session: Session, endpoint_id: str, settings: Settings) -> None:

@@ -89,6 +89,8 @@ class Received:
     headers: dict[str, str]
     body: bytes
     at: float
+    #: The sender's address and port: one per connection.
+    peer: tuple[str, int] = ("", 0)
 
     @property
     def json(self) -> Any:
@@ -108,6 +110,8 @@ class Receiver:
     lock: threading.Lock = field(default_factory=threading.Lock)
     port: int = 0
     server: ThreadingHTTPServer | None = None
+    #: Answer over HTTP/1.1, keeping connections open (else HTTP/1.0: one request each).
+    keep_alive: bool = False
 
     @property
     def url(self) -> str:
@@ -117,10 +121,14 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if receiver.keep_alive else "HTTP/1.0"
+            disable_nagle_algorithm = True  # it writes the headers and the body apart
+
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
                 got = Received({k.lower(): v for k, v in self.headers.items()},
-                               self.rfile.read(length), time.monotonic())
+                               self.rfile.read(length), time.monotonic(),
+                               tuple(self.client_address[:2]))
                 with receiver.lock:
                     receiver.received.append(got)
                 if receiver.delay:

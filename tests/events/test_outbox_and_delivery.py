@@ -9,7 +9,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import select, text, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 from standardwebhooks import Webhook
 
@@ -116,8 +116,11 @@ def test_fan_out_makes_one_delivery_per_subscribed_enabled_endpoint(
     assert len(deliveries_of(edb, everything.id)) == 2
     assert len(deliveries_of(edb, finished.id)) == 1
     assert deliveries_of(edb, off.id) == []
-    assert sorted(enqueued) == sorted(d.id for e in (everything, finished)
-                                      for d in deliveries_of(edb, e.id))
+    # All leased; one task per endpoint, given its first (it claims the rest itself).
+    assert all(d.scheduled_until is not None for e in (everything, finished)
+               for d in deliveries_of(edb, e.id))
+    assert sorted(enqueued) == sorted(deliveries_of(edb, e.id)[0].id
+                                      for e in (everything, finished))
     # Leased: the next dispatch leaves them to the queue; fanned out: no second delivery.
     assert dispatch() == []
     assert len(deliveries_of(edb, everything.id)) == 2
@@ -273,22 +276,69 @@ def test_a_name_resolving_to_a_metadata_address_is_refused_at_connect_time(
     assert connected == []
 
 
-def test_a_success_goes_on_with_the_same_endpoints_next_due_deliveries(
+def test_a_task_sends_its_endpoints_due_deliveries_in_batches_over_one_connection(
     edb: Session, receiver: Receiver
 ) -> None:
+    receiver.keep_alive = True
+    receiver.stop()
+    receiver.start()
+    endpoint = make_endpoint(edb, receiver.url)
+    count = webhook_delivery.DELIVERY_BATCH + 5
+    for _ in range(count):
+        make_refund(edb)
+    enqueued = dispatch()
+    # One task per batch of leased deliveries...
+    assert len(enqueued) == 2
+    # ...and the first one takes every due one, batch after batch, those already
+    # enqueued included...
+    outcomes = webhook_delivery.deliver(enqueued[0])
+    assert [o.outcome for o in outcomes] == ["delivered"] * count
+    # ...whose messages then find nothing to do.
+    assert webhook_delivery.deliver(enqueued[1])[0].outcome == "skipped"
+    assert {d.status for d in deliveries_of(edb, endpoint.id)} == {"delivered"}
+    # One signed request per event, its own webhook-id each, all over one connection.
+    assert len({b["id"] for b in verify(endpoint, receiver)}) == count
+    assert len({r.headers["webhook-id"] for r in receiver.received}) == count
+    assert len({r.peer for r in receiver.received}) == 1
+    # Every attempt is logged.
+    edb.expire_all()
+    logged = edb.scalar(select(func.count()).select_from(WebhookDeliveryAttempt)
+                        .join(WebhookDelivery)
+                        .where(WebhookDelivery.endpoint_id == endpoint.id))
+    assert logged == count
+
+
+def test_a_receiver_closing_each_connection_still_gets_every_event(
+    edb: Session, receiver: Receiver
+) -> None:
+    """HTTP/1.0 (the receiver fixture's default): a connection per request."""
+    endpoint = make_endpoint(edb, receiver.url)
+    for _ in range(5):
+        make_refund(edb)
+    (first,) = dispatch()
+    assert [o.outcome for o in webhook_delivery.deliver(first)] == ["delivered"] * 5
+    assert len({r.peer for r in receiver.received}) == 5
+    assert len(verify(endpoint, receiver)) == 5
+
+
+def test_a_task_stops_starting_attempts_after_its_time_and_hands_the_rest_on(
+    edb: Session, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(webhook_delivery, "TASK_SECONDS", 0.3)
+    receiver.delay = 0.1
     endpoint = make_endpoint(edb, receiver.url)
     for _ in range(10):
         make_refund(edb)
-    enqueued = dispatch()
-    assert len(enqueued) == webhook_delivery.ENDPOINT_IN_FLIGHT
-    # The first task takes every due one, those already enqueued included...
-    outcomes = webhook_delivery.deliver(enqueued[0])
-    assert len(outcomes) == 10
-    # ...whose messages then find nothing to do.
-    for delivery_id in enqueued[1:]:
-        assert webhook_delivery.deliver(delivery_id)[0].outcome == "skipped"
-    assert {d.status for d in deliveries_of(edb, endpoint.id)} == {"delivered"}
-    assert len({b["id"] for b in verify(endpoint, receiver)}) == 10
+    (first,) = dispatch()
+    handed: list[str] = []
+    outcomes = webhook_delivery.deliver(first, enqueue=lambda i: handed.append(i) or True)
+    assert 1 <= len(outcomes) < 10
+    assert all(o.outcome == "delivered" for o in outcomes)
+    # The rest are let go of, and the next one is handed to the queue (leased).
+    left = [d for d in deliveries_of(edb, endpoint.id) if d.status == "pending"]
+    assert len(left) == 10 - len(outcomes)
+    assert all(d.attempting_until is None for d in left)
+    assert len(handed) == 1 and handed[0] in {d.id for d in left}
 
 
 def test_a_failing_endpoint_gets_one_delivery_at_a_time(edb: Session, receiver: Receiver) -> None:
@@ -296,13 +346,18 @@ def test_a_failing_endpoint_gets_one_delivery_at_a_time(edb: Session, receiver: 
     endpoint = make_endpoint(edb, receiver.url)
     for _ in range(6):
         make_refund(edb)
-    first = dispatch()
-    assert len(first) == webhook_delivery.ENDPOINT_IN_FLIGHT
-    webhook_delivery.deliver(first[0])  # fails: the endpoint is failing from now on
+    (first,) = dispatch()
+    # The first failure ends the batch: one request, the other five let go of.
+    (outcome,) = webhook_delivery.deliver(first)
+    assert outcome.outcome == "retry" and len(receiver.received) == 1
+    assert all(d.attempting_until is None for d in deliveries_of(edb, endpoint.id))
     edb.execute(update(WebhookDelivery).where(WebhookDelivery.endpoint_id == endpoint.id)
                 .values(scheduled_until=None, next_attempt_at=datetime.now(UTC)))
     edb.commit()
-    assert len(dispatch()) == 1
+    # Failing from now on: one leased, and its task takes that one alone.
+    (only,) = dispatch()
+    assert len(webhook_delivery.deliver(only)) == 1
+    assert len(receiver.received) == 2
 
 
 def test_an_endpoint_failing_for_the_disable_period_is_disabled_and_says_so(
