@@ -8,7 +8,7 @@
   deliveries and attempts (the foreign keys cascade): the delivery log keeps a month.
   An event still being delivered to some endpoint, or not yet fanned out, stays. The
   audit trail itself (``refund_events``) is never deleted, and an event's ``sequence``
-  is counted from it (migration 0015), so a refund's later events keep counting on.
+  is counted from it (migration 0018), so a refund's later events keep counting on.
 
 Deleted in batches of ``BATCH_SIZE`` rows, each in a short transaction of its own and
 through an index on the row's time, so a big backlog (the first pass after a deploy)
