@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 from sqlalchemy import func, select, text
@@ -241,6 +243,19 @@ def test_pooled_connections_that_died_are_replaced_without_an_error(
     )
     db.commit()
     assert terminated >= 1
+    # pg_terminate_backend only signals: wait until the backends are gone, so that the
+    # connections died while idle in the pool (one dying under a statement is another
+    # case: its outcome is unknown, test_commit_outcome_unknown).
+    deadline = time.monotonic() + 10
+    while db.scalar(
+        text("SELECT count(*) FROM pg_stat_activity"
+             " WHERE datname = current_database() AND application_name = :name"),
+        {"name": WEB_APPLICATION_NAME},
+    ):
+        db.commit()
+        assert time.monotonic() < deadline, "terminated backends still there"
+        time.sleep(0.02)
+    db.commit()
     answers = [post(client, settings, body) for _ in range(8)]
     assert [r.status_code for r in answers] == [201] * 8, [r.text for r in answers]
     created = db.scalar(select(func.count()).where(Refund.payment_id == payment.id))
