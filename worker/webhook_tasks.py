@@ -48,10 +48,12 @@ REFUNDS_FIRST_SHARE = 0.05
 REFUNDS_BUSY_CORES = 0.25
 CPU_WINDOW_SECONDS = 0.2
 #: ... and only while the CPU is what refunds wait for: the process uses this much of its
-#: one core, or the machine's load is at its core count. Refunds held back by Stripe's
-#: rate limit (the usual state at Stripe's limit) leave the CPU free, and pacing then
-#: would only let events pile up (two a refund, faster than a paced worker sends them).
-CPU_BOUND_CORES = 0.85
+#: one core (a busy worker's threads, handing its interpreter lock to each other, reach
+#: about 0.8 of it), or the machine's load is at its core count. Refunds held back by
+#: Stripe's rate limit (the usual state at Stripe's limit: half a core at 100/s) leave the
+#: CPU free, and pacing then would only let events pile up (two a refund, faster than a
+#: paced worker sends them).
+CPU_BOUND_CORES = 0.7
 
 
 class _RefundsFirst:
