@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import select
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -54,16 +54,23 @@ def get_pool() -> ConnectionPool[psycopg.Connection[Any]]:
 
     No ping before each use (a round trip per checkout): a connection found broken
     fails its statement, is discarded by the pool, and the caller retries the task."""
-    settings = get_settings()
+    # A checkout that waits 30 s means Postgres is down or the pool is too small.
+    return _autocommit_pool("refunds-hot-path", get_settings().worker_db_connections, 30)
+
+
+def _autocommit_pool(
+    name: str, max_size: int, timeout: float, *,
+    application_name: str | None = None,
+    check: Callable[[psycopg.Connection[Any]], None] | None = None,
+) -> ConnectionPool[psycopg.Connection[Any]]:
+    """A psycopg pool of autocommit connections with the service's session settings,
+    opened in the background (a process starts even while Postgres is away)."""
+    kwargs: dict[str, Any] = {"autocommit": True, "options": CONNECTION_OPTIONS}
+    if application_name is not None:
+        kwargs["application_name"] = application_name
     pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
-        settings.libpq_url,
-        min_size=1,
-        max_size=settings.worker_db_connections,
-        kwargs={"autocommit": True, "options": CONNECTION_OPTIONS},
-        # A checkout that waits this long means Postgres is down or the pool is too small.
-        timeout=30,
-        name="refunds-hot-path",
-        open=False,
+        get_settings().libpq_url, min_size=1, max_size=max_size, kwargs=kwargs,
+        timeout=timeout, check=check, name=name, open=False,
     )
     pool.open(wait=False)
     return pool
@@ -84,22 +91,12 @@ def get_web_pool() -> ConnectionPool[psycopg.Connection[Any]]:
     a connection Postgres closed while it sat idle (a restart, a failover, a proxy's
     idle timeout) has something to read, its end or Postgres' last words, and is
     replaced before a statement is sent on it."""
-    settings = get_settings()
-    pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
-        settings.libpq_url,
-        min_size=1,
-        max_size=settings.web_threads,
-        kwargs={"autocommit": True, "options": CONNECTION_OPTIONS,
-                "application_name": WEB_APPLICATION_NAME},
-        check=_nothing_to_read,
-        # Each thread holds at most one, so a checkout only waits when Postgres cannot be
-        # reached: answer 503 well before a caller gives up.
-        timeout=5,
-        name="refunds-web",
-        open=False,
+    # Each thread holds at most one, so a checkout only waits (5 s) when Postgres cannot
+    # be reached: answer 503 well before a caller gives up.
+    return _autocommit_pool(
+        "refunds-web", get_settings().web_threads, 5,
+        application_name=WEB_APPLICATION_NAME, check=_nothing_to_read,
     )
-    pool.open(wait=False)
-    return pool
 
 
 def _nothing_to_read(connection: psycopg.Connection[Any]) -> None:
