@@ -27,9 +27,13 @@ from shared.adapters.logging import dict_config
 
 settings = load_settings()
 
-worker_class = "gthread"
+# Requests as greenlets: make bench measured less CPU per request, more requests a
+# second and a lower p99 than gthread's 4 threads per process (README, Performance).
+# gevent patches the standard library in each worker before the app is loaded; psycopg
+# and redis-py then wait on the hub like any socket.
+worker_class = "gevent"
 workers = settings.web_concurrency
-threads = settings.web_threads
+worker_connections = settings.web_connections
 timeout = 30
 graceful_timeout = 20
 keepalive = 5

@@ -8,6 +8,7 @@ from flask import Flask, Response, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from api.errors import register_error_handlers
+from shared.adapters import db
 from shared.adapters.config import get_settings
 
 REQUEST_ID_MAX = 128
@@ -15,6 +16,7 @@ REQUEST_ID_MAX = 128
 
 def create_app() -> Flask:
     settings = get_settings()
+    db.size_pools_for_web()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]

@@ -156,7 +156,8 @@ class Config:
             hotspot_connections=_env_int("BENCH_HOTSPOT_CONNECTIONS", 8),
             warmup_seconds=_env_float("BENCH_WARMUP_SECONDS", 2.0),
             idempotency_keys=os.environ.get("BENCH_IDEMPOTENCY", "1") not in ("", "0"),
-            web_servers=_web_servers(os.environ.get("BENCH_WEB_SERVERS", "gunicorn,granian")),
+            web_servers=_web_servers(os.environ.get("BENCH_WEB_SERVERS",
+                                                      "gunicorn,gunicorn-gthread,granian")),
             profile=os.environ.get("BENCH_PROFILE", "") not in ("", "0"),
             pg_admin_url=os.environ.get(
                 "BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -169,16 +170,18 @@ PHASES = ("initiation", "http_floor", "baseline", "drain", "end_to_end", "events
           "stripe_shaped", "webhook_burst", "hot_spot")
 
 
-#: The web servers ``BENCH_WEB_SERVERS`` can name, each as the Procfile would run it
-#: (WEB_CONCURRENCY processes x WEB_THREADS threads). The one the Procfile's ``web`` line
-#: runs is started from the Procfile itself, exactly as production starts it.
+#: The web servers ``BENCH_WEB_SERVERS`` can name, each with WEB_CONCURRENCY processes.
+#: The one the Procfile's ``web`` line runs (gunicorn's gevent worker) is started from the
+#: Procfile itself, exactly as production starts it; the others are the alternatives it
+#: was chosen over: gunicorn's thread worker (the earlier Procfile line) and granian.
 WEB_SERVERS = {
     "gunicorn": "exec gunicorn api.wsgi:app --config gunicorn.conf.py --bind 127.0.0.1:${PORT}"
-                " --worker-class gthread --workers ${WEB_CONCURRENCY:-2}"
-                " --threads ${WEB_THREADS:-4}",
+                " --workers ${WEB_CONCURRENCY:-2}",
+    "gunicorn-gthread": "exec gunicorn api.wsgi:app --config gunicorn.conf.py"
+                        " --bind 127.0.0.1:${PORT} --worker-class gthread"
+                        " --workers ${WEB_CONCURRENCY:-2} --threads 4",
     "granian": "exec granian api.wsgi:app --interface wsgi --host 127.0.0.1 --port ${PORT}"
-               " --workers ${WEB_CONCURRENCY:-2} --blocking-threads ${WEB_THREADS:-4}"
-               " --http 1 --no-ws",
+               " --workers ${WEB_CONCURRENCY:-2} --blocking-threads 4 --http 1 --no-ws",
 }
 
 
@@ -429,7 +432,9 @@ class Bench:
         self.result["config"] = {
             **{k: v for k, v in asdict(c).items() if k not in ("pg_admin_url", "output")},
             "web": f"WEB_CONCURRENCY={os.environ.get('WEB_CONCURRENCY', 'default')}, "
-                   f"WEB_THREADS={os.environ.get('WEB_THREADS', 'default')}; the Procfile runs "
+                   f"WEB_CONNECTIONS={os.environ.get('WEB_CONNECTIONS', 'default')}, "
+                   f"WEB_DB_CONNECTIONS={os.environ.get('WEB_DB_CONNECTIONS', 'default')}; "
+                   "the Procfile runs "
                    f"{procfile_server()}, which serves every phase after the web servers' own",
             "web_server_lines": {server: web_server_line(server) for server in c.web_servers},
             "worker": f"Procfile worker x{c.workers}, WORKER_CONCURRENCY="

@@ -103,12 +103,15 @@ class Settings(BaseSettings):
     flower_basic_auth: str | None = None
     log_level: str = "INFO"
     worker_metrics_port: int = Field(default=9808, ge=0, le=65535)  # 0: the worker serves none
-    # gunicorn processes and threads per process (the Procfile passes them to gunicorn).
-    # A request holds a thread for a few milliseconds of mostly CPU, and a process's
-    # threads share one GIL: past 4, more threads only contend for it (make bench: 2 x 4
-    # served more than 2 x 8 or 2 x 16 at 32 connections). More cores: more processes.
+    # gunicorn processes, and the requests each serves at once as greenlets (gunicorn's
+    # gevent worker; make bench: less CPU per request than 4 threads per process, which
+    # contended for the GIL). A request is a millisecond or two of CPU and a few round
+    # trips, so a process is CPU bound long before its connections run out: more cores,
+    # more processes. Requests beyond WEB_DB_CONNECTIONS wait in the process for a
+    # Postgres connection, so Postgres sees a bounded number whatever the load.
     web_concurrency: int = Field(default=2, ge=1, le=64)
-    web_threads: int = Field(default=4, ge=1, le=256)
+    web_connections: int = Field(default=100, ge=1, le=10_000)
+    web_db_connections: int = Field(default=4, ge=1, le=256)
 
     # The operators' console (/console): session cookies are signed with this key.
     console_secret_key: str = DEV_CONSOLE_SECRET

@@ -25,18 +25,30 @@ from shared.domain.errors import OutcomeUnknown
 DEFINITE_ROLLBACK_CLASSES = ("23", "40")
 
 
+#: SQLAlchemy's pool in a worker process: room to keep one connection per thread
+#: (WORKER_CONCURRENCY up to its maximum of 64). Connections open lazily, so a process
+#: keeps only as many as its threads use at once; with fewer kept than that, every busy
+#: moment closed and reopened connections (a new Postgres backend each time) and worker
+#: threads queued behind 15 connections.
+_engine_pool = {"pool_size": 64, "max_overflow": 10}
+
+
+def size_pools_for_web() -> None:
+    """Bound this process's SQLAlchemy pool at ``WEB_DB_CONNECTIONS``, as the refund
+    endpoint's own pool is: a web process serves up to ``WEB_CONNECTIONS`` requests at
+    once as greenlets, and those past the bound wait for a connection instead of each
+    opening one. Call before the first connection (``api.create_app`` does)."""
+    if get_engine.cache_info().currsize:
+        raise RuntimeError("size_pools_for_web() after the engine was built")
+    _engine_pool.update(pool_size=get_settings().web_db_connections, max_overflow=0)
+
+
 @functools.cache
 def get_engine() -> Engine:
     settings = get_settings()
     return create_engine(
         settings.sqlalchemy_url,
-        # Room to keep one connection per thread (gunicorn's WEB_THREADS, the worker's
-        # WORKER_CONCURRENCY up to its maximum of 64). Connections open lazily, so a
-        # process keeps only as many as its threads use at once; with fewer kept than
-        # that, every busy moment closed and reopened connections (a new Postgres
-        # backend each time) and worker threads queued behind 15 connections.
-        pool_size=64,
-        max_overflow=10,
+        **_engine_pool,
         pool_pre_ping=True,
         connect_args={"options": CONNECTION_OPTIONS},
     )
@@ -83,7 +95,8 @@ WEB_APPLICATION_NAME = "refunds-web"
 @functools.cache
 def get_web_pool() -> ConnectionPool[psycopg.Connection[Any]]:
     """Autocommit connections for the API's hot path (``POST /v1/admin/refunds``: one
-    statement, ``run_and_commit``), at most one per web thread.
+    statement, ``run_and_commit``), ``WEB_DB_CONNECTIONS`` of them; requests beyond
+    that wait their turn.
 
     Plain psycopg, not the engine: SQLAlchemy's session, its pool checkout and its
     per-checkout ping cost more of a POST's CPU than the statement itself, and the ping
@@ -91,10 +104,11 @@ def get_web_pool() -> ConnectionPool[psycopg.Connection[Any]]:
     a connection Postgres closed while it sat idle (a restart, a failover, a proxy's
     idle timeout) has something to read, its end or Postgres' last words, and is
     replaced before a statement is sent on it."""
-    # Each thread holds at most one, so a checkout only waits (5 s) when Postgres cannot
-    # be reached: answer 503 well before a caller gives up.
+    # A connection is held for one statement, so the wait for one is short even with
+    # every request of the process queued for it; 5 s means Postgres cannot be reached:
+    # answer 503 well before a caller gives up.
     return _autocommit_pool(
-        "refunds-web", get_settings().web_threads, 5,
+        "refunds-web", get_settings().web_db_connections, 5,
         application_name=WEB_APPLICATION_NAME, check=_nothing_to_read,
     )
 

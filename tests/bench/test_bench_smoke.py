@@ -74,7 +74,7 @@ def test_bench_prints_every_figure_and_no_request_fails(tmp_path: Path) -> None:
     assert printed["web_cpu_ms_per_post"] > 0
 
     # Each web server measured in the same run, keyed by server; the Procfile's on top.
-    assert printed["web_servers"].keys() == {"gunicorn", "granian"}
+    assert printed["web_servers"].keys() == {"gunicorn", "gunicorn-gthread", "granian"}
     assert printed["web_server"] == "gunicorn"
     for server in printed["web_servers"].values():
         top = server["initiation"]["32"]

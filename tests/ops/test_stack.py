@@ -105,7 +105,7 @@ def stack(ops_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> 
             "WORKER_METRICS_PORT": str(metrics_port),
             "STRIPE_API_BASE": emu.url,
             "WEB_CONCURRENCY": "2",
-            "WEB_THREADS": "4",
+            "WEB_CONNECTIONS": "50",
             "WORKER_CONCURRENCY": "2",
         }
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
