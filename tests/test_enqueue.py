@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -85,7 +86,7 @@ def test_the_message_is_the_one_send_task_sends(
     """Headers decide how a worker runs the task (e.g. ``ignore_result``: False would
     make workers store every result), so they must be what ``send_task`` sends."""
     client, queue = broker
-    assert _redis_list_client() is not None  # the tests' broker is Redis
+    assert _redis_list_client(os.getpid()) is not None  # the tests' broker is Redis
     get_celery().send_task(PROCESS_REFUND_TASK, args=["rf_test"], queue=queue)
     by_celery = _pop(client, queue)
     monkeypatch.setattr("shared.adapters.celery_app.REFUNDS_QUEUE", queue)
