@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import uuid
-
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from api.errors import register_error_handlers
+from api.initiation_endpoint import InitiationEndpoint
+from api.request_id import request_id_from
 from shared.adapters import db
 from shared.adapters.config import get_settings
-
-REQUEST_ID_MAX = 128
 
 
 def create_app() -> Flask:
@@ -27,10 +25,7 @@ def create_app() -> Flask:
 
     @app.before_request
     def _request_id() -> None:
-        incoming = request.headers.get("X-Request-Id", "")
-        valid = 0 < len(incoming) <= REQUEST_ID_MAX and incoming.isascii()
-        valid = valid and incoming.isprintable()
-        g.request_id = incoming if valid else uuid.uuid4().hex
+        g.request_id = request_id_from(request.headers.get("X-Request-Id", ""))
 
     @app.before_request
     def _whole_streamed_body() -> None:
@@ -62,4 +57,7 @@ def create_app() -> Flask:
     for blueprint in blueprints:
         app.register_blueprint(blueprint)
     register_error_handlers(app)
+    # POST /v1/admin/refunds is answered in front of Flask (api/initiation_endpoint.py).
+    app.wsgi_app = InitiationEndpoint(  # type: ignore[method-assign]
+        app.wsgi_app, settings.max_request_bytes)
     return app

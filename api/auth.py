@@ -143,22 +143,31 @@ def _verify(token: str, settings: Settings) -> tuple[Caller, float]:
     return Caller(subject=subject, scopes=_scopes(claims)), float(claims["exp"])
 
 
-def require_scope(kind: Literal["read", "write", "approve"]) -> Callable[[F], F]:
+Scope = Literal["read", "write", "approve"]
+
+
+def authorize(header: str | None, kind: Scope) -> Caller:
+    """The caller an ``Authorization`` header names: 401 without a valid token, 403
+    without the ``kind`` scope."""
+    settings = get_settings()
+    caller = authenticate(header, settings)
+    needed = {
+        "read": settings.refunds_read_scope,
+        "write": settings.refunds_write_scope,
+        "approve": settings.refunds_approve_scope,
+    }[kind]
+    if needed not in caller.scopes:
+        raise ApiError(403, f"The token lacks the '{needed}' scope this endpoint needs.")
+    return caller
+
+
+def require_scope(kind: Scope) -> Callable[[F], F]:
     """Decorate a view: 401 without a valid token, 403 without the ``kind`` scope."""
 
     def decorator(view: F) -> F:
         @functools.wraps(view)
         def wrapped(*args: Any, **kwargs: Any) -> Any:
-            settings = get_settings()
-            caller = authenticate(request.headers.get("Authorization"), settings)
-            needed = {
-                "read": settings.refunds_read_scope,
-                "write": settings.refunds_write_scope,
-                "approve": settings.refunds_approve_scope,
-            }[kind]
-            if needed not in caller.scopes:
-                raise ApiError(403, f"The token lacks the '{needed}' scope this endpoint needs.")
-            g.caller = caller
+            g.caller = authorize(request.headers.get("Authorization"), kind)
             return view(*args, **kwargs)
 
         return wrapped  # type: ignore[return-value]

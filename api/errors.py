@@ -68,18 +68,19 @@ def error_response(
     return response
 
 
-def register_error_handlers(app: Flask) -> None:
-    @app.errorhandler(ApiError)
-    def _api_error(exc: ApiError) -> Response:
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
-
-    @app.errorhandler(domain.OutcomeUnknown)
-    def _outcome_unknown(exc: domain.OutcomeUnknown) -> Response:
+def describe(exc: BaseException, request_id: str | None) -> tuple[int, str, str, dict[str, str]]:
+    """Status, error code, message and headers that answer ``exc``: the one place every
+    error becomes an answer, for Flask's views and for ``api.initiation_endpoint``.
+    Failures of our own are logged here, with the request id the answer quotes."""
+    if isinstance(exc, ApiError):
+        return exc.status, exc.code, exc.message, exc.headers
+    if isinstance(exc, domain.OutcomeUnknown):
         # SPEC 3.4: the transaction may have committed. Saying "nothing was recorded"
         # would have a caller without an Idempotency-Key create a second refund.
-        log.error("commit outcome unknown", exc_info=exc.__cause__,
-                  extra={"request_id": g.get("request_id")})
-        return error_response(
+        log.error(
+            "commit outcome unknown", exc_info=exc.__cause__, extra={"request_id": request_id}
+        )
+        return (
             503,
             "outcome_unknown",
             "The database connection broke while this request was being committed, so it "
@@ -88,43 +89,40 @@ def register_error_handlers(app: Flask) -> None:
             "a key, look the refund up first (GET /v1/admin/refunds?charge_id=...).",
             {"Retry-After": "2"},
         )
-
-    @app.errorhandler(domain.RefundServiceError)
-    def _domain_error(exc: domain.RefundServiceError) -> Response:
-        return error_response(DOMAIN_STATUS.get(type(exc), 422), exc.code, exc.message)
-
-    @app.errorhandler(HTTPException)
-    def _http_error(exc: HTTPException) -> Response:
+    if isinstance(exc, domain.RefundServiceError):
+        return DOMAIN_STATUS.get(type(exc), 422), exc.code, exc.message, {}
+    if isinstance(exc, HTTPException):
         status = exc.code or 500
         message = {
             404: "No such endpoint. See /openapi.json for the API.",
             405: "This endpoint does not accept that method.",
             413: "The request body is too large.",
         }.get(status, exc.description or "Request failed.")
-        headers = {"Allow": exc.get_response().headers["Allow"]} if status == 405 else None
-        return error_response(status, HTTP_CODES.get(status, "error"), message, headers)
-
-    @app.errorhandler(OperationalError)  # through SQLAlchemy
-    @app.errorhandler(psycopg.OperationalError)  # the hot path's own connections
-    def _database_unavailable(exc: Exception) -> Response:
+        headers = {"Allow": exc.get_response().headers["Allow"]} if status == 405 else {}
+        return status, HTTP_CODES.get(status, "error"), message, headers
+    if isinstance(exc, OperationalError | psycopg.OperationalError):
         # A statement failed before COMMIT (the database is down, a lock wait timed
         # out): nothing was committed, and the same request can safely be sent again.
-        # A failure of the COMMIT itself is OutcomeUnknown (shared.adapters.db), answered above.
-        log.exception("database unavailable", extra={"request_id": g.get("request_id")})
-        return error_response(
+        # A failure of the COMMIT itself is OutcomeUnknown (shared.adapters.db), above.
+        log.error("database unavailable", exc_info=exc, extra={"request_id": request_id})
+        return (
             503,
             "unavailable",
             "The service cannot reach its database right now; nothing was recorded. "
             "Retry shortly (with the same Idempotency-Key).",
             {"Retry-After": "2"},
         )
+    log.error("unhandled error", exc_info=exc, extra={"request_id": request_id})
+    return (
+        500,
+        "internal_error",
+        f"Something went wrong on our side. Quote request id {request_id} when reporting it.",
+        {},
+    )
 
+
+def register_error_handlers(app: Flask) -> None:
+    # Flask hands every exception a view raises here, HTTP ones (404, 405, 413) included.
     @app.errorhandler(Exception)
-    def _unexpected(exc: Exception) -> Response:
-        log.exception("unhandled error", extra={"request_id": g.get("request_id")})
-        return error_response(
-            500,
-            "internal_error",
-            f"Something went wrong on our side. Quote request id {g.get('request_id')} "
-            "when reporting it.",
-        )
+    def _error(exc: Exception) -> Response:
+        return error_response(*describe(exc, g.get("request_id")))

@@ -53,38 +53,61 @@ def _observe(response: Response) -> Response:
     started = g.get("metrics_started")
     if started is None:  # an earlier before_request hook answered first
         return response
-    elapsed = time.perf_counter() - started
     route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    metrics.observe_http_request(
-        method=request.method, route=route, status=response.status_code, seconds=elapsed
-    )
-
-    extra: dict[str, object] = {}
+    initiation = None
     if request.endpoint == CREATE_REFUND_ENDPOINT:
-        outcome = _initiation_outcome(response)
+        initiation = _initiation_outcome(response), g.get("refund_id")
+    caller = g.get("caller")
+    record_request(
+        method=request.method,
+        route=route,
+        path=request.path,
+        status=response.status_code,
+        seconds=time.perf_counter() - started,
+        caller=getattr(caller, "subject", None),
+        initiation=initiation,
+    )
+    return response
+
+
+def record_request(
+    *,
+    method: str,
+    route: str,
+    path: str,
+    status: int,
+    seconds: float,
+    caller: str | None,
+    initiation: tuple[str, str | None] | None = None,
+) -> None:
+    """Count and time one answered request and write its log line (for a refund
+    initiation, ``(outcome, refund_id)`` too). Flask's requests come through ``_observe``;
+    ``api.initiation_endpoint`` calls it for the requests it serves itself."""
+    metrics.observe_http_request(method=method, route=route, status=status, seconds=seconds)
+    extra: dict[str, object] = {}
+    if initiation is not None:
+        outcome, refund_id = initiation
         metrics.observe_refund_initiation(outcome)
         extra["outcome"] = outcome
-        if response.status_code == 201:
-            extra["refund_id"] = g.get("refund_id")
-    if request.path in QUIET_PATHS and response.status_code < 500:
-        return response
-    caller = g.get("caller")
+        if status == 201:
+            extra["refund_id"] = refund_id
+    if path in QUIET_PATHS and status < 500:
+        return
     access_log.info(
         "%s %s %s",
-        request.method,
+        method,
         route,
-        response.status_code,
+        status,
         extra={
-            "method": request.method,
+            "method": method,
             "route": route,
-            "path": request.path,
-            "status": response.status_code,
-            "duration_ms": round(elapsed * 1000, 2),
-            "caller": getattr(caller, "subject", None),
+            "path": path,
+            "status": status,
+            "duration_ms": round(seconds * 1000, 2),
+            "caller": caller,
             **extra,
         },
     )
-    return response
 
 
 @bp.teardown_app_request
@@ -95,10 +118,19 @@ def _unbind(exc: BaseException | None) -> None:
 
 
 def _initiation_outcome(response: Response) -> str:
-    if response.headers.get("Idempotent-Replayed") == "true":
-        return "replayed"
-    if response.status_code == 201:
-        return "created"
     body = response.get_json(silent=True)
     code = body.get("error") if isinstance(body, dict) else None
-    return code if isinstance(code, str) and code.isidentifier() else str(response.status_code)
+    return initiation_outcome(
+        response.status_code, code, replayed=response.headers.get("Idempotent-Replayed") == "true"
+    )
+
+
+def initiation_outcome(status: int, error_code: str | None, *, replayed: bool) -> str:
+    """The ``outcome`` of a refund initiation: created, replayed, or the error's code."""
+    if replayed:
+        return "replayed"
+    if status == 201:
+        return "created"
+    if isinstance(error_code, str) and error_code.isidentifier():
+        return error_code
+    return str(status)

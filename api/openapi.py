@@ -13,8 +13,8 @@ from typing import Any, get_args
 
 from flask import Blueprint, Response, jsonify
 
-from api import REQUEST_ID_MAX
 from api.refunds import IDEMPOTENCY_KEY_MAX
+from api.request_id import REQUEST_ID_MAX
 from api.schemas import (
     CHARGE_ID_MAX,
     CURSOR_MAX,

@@ -7,7 +7,7 @@ import json
 from flask import Blueprint, Response, g, jsonify, request
 from pydantic import ValidationError
 
-from api.auth import require_scope
+from api.auth import Caller, require_scope
 from api.errors import ApiError
 from api.schemas import RefundCreate, RefundListQuery, describe
 from shared.adapters.celery_app import enqueue_refund
@@ -21,14 +21,16 @@ bp = Blueprint("refunds", __name__, url_prefix="/v1/admin/refunds")
 IDEMPOTENCY_KEY_MAX = 255
 
 
-def _parse_body() -> RefundCreate:
-    raw = request.get_data(cache=False)
+def _parse_body(raw: bytes) -> RefundCreate:
     try:
         body = RefundCreate.model_validate_json(raw or b"null")
     except ValidationError as exc:
         if any(e["type"] in ("json_invalid", "model_type") for e in exc.errors()):
-            raise ApiError(422, "The body must be a JSON object, e.g. "
-                           '{"charge_id": "ch_...", "amount_cents": 500}.') from exc
+            raise ApiError(
+                422,
+                "The body must be a JSON object, e.g. "
+                '{"charge_id": "ch_...", "amount_cents": 500}.',
+            ) from exc
         raise ApiError(422, describe(exc, RefundCreate)) from exc
     # JSON parsers disagree on a key given twice (this one keeps the last copy, others
     # the first): a proxy, a log or a person reading the body could see another refund.
@@ -50,8 +52,7 @@ def _repeated_keys(raw: bytes) -> list[str]:
     return repeated
 
 
-def _idempotency_key() -> str | None:
-    key = request.headers.get("Idempotency-Key")
+def _idempotency_key(key: str | None) -> str | None:
     if key is None:
         return None
     # ASCII only: header bytes beyond it arrive as Latin-1 guesses, and a key must
@@ -63,11 +64,11 @@ def _idempotency_key() -> str | None:
     return key
 
 
-@bp.post("")
-@require_scope("write")
-def create_refund() -> Response:
-    body = _parse_body()
-    key = _idempotency_key()
+def initiate(caller: Caller, raw_body: bytes, idempotency_key: str | None) -> refunds.Initiated:
+    """``POST /v1/admin/refunds`` once the caller is known, whichever way it arrived: the
+    Flask view below, or ``api.initiation_endpoint`` (the same request without Flask)."""
+    body = _parse_body(raw_body)
+    key = _idempotency_key(idempotency_key)
     with get_web_pool().connection() as connection:
         result = refunds.initiate_refund(
             connection,
@@ -76,19 +77,36 @@ def create_refund() -> Response:
                 amount_cents=body.amount_cents,
                 reason=body.reason,
             ),
-            initiated_by=g.caller.subject,
+            initiated_by=caller.subject,
             idempotency_key=key,
             fingerprint=request_fingerprint(body.model_dump()),
         )
-    g.refund_id = result.refund_id  # for the request's log line
     # A refund awaiting approval is enqueued when it is approved (api/approvals.py).
     if not result.replayed and result.body["status"] == RefundStatus.PENDING:
         enqueue_refund(result.refund_id)
-    response = Response(json.dumps(result.body), status=result.status, mimetype="application/json")
-    response.headers["Location"] = f"{bp.url_prefix}/{result.refund_id}"
+    return result
+
+
+def answer_headers(result: refunds.Initiated) -> dict[str, str]:
+    headers = {"Location": f"{bp.url_prefix}/{result.refund_id}"}
     if result.replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    return response
+        headers["Idempotent-Replayed"] = "true"
+    return headers
+
+
+@bp.post("")
+@require_scope("write")
+def create_refund() -> Response:
+    result = initiate(
+        g.caller, request.get_data(cache=False), request.headers.get("Idempotency-Key")
+    )
+    g.refund_id = result.refund_id  # for the request's log line
+    return Response(
+        json.dumps(result.body),
+        status=result.status,
+        mimetype="application/json",
+        headers=answer_headers(result),
+    )
 
 
 @bp.get("/<path:refund_id>")
