@@ -193,6 +193,27 @@ def move(db: Session, refund_id: str, to_status: RefundStatus, **fields: Any) ->
     db.commit()
 
 
+def backlog(edb: Session, count: int) -> str:
+    """``count`` refunds and their first events in one statement (each an event out);
+    the tag their ids carry (``rf_bl<n>_<tag>``)."""
+    refund_id = make_refund(edb)
+    payment_id = edb.scalar(select(Refund.payment_id).where(Refund.id == refund_id))
+    tag = str(time.monotonic_ns())[-8:]
+    edb.execute(text("""
+        WITH made AS (
+            INSERT INTO refunds (id, payment_id, amount, currency, status,
+                                 stripe_idempotency_key, initiated_by)
+            SELECT 'rf_bl' || n || '_' || :tag, :payment_id, 1, 'usd', 'canceled',
+                   'bl-' || n || '-' || :tag, 'ops'
+            FROM generate_series(1, :count) AS n RETURNING id
+        )
+        INSERT INTO refund_events (refund_id, from_status, to_status, actor)
+        SELECT id, NULL, 'canceled', 'ops' FROM made
+    """), {"payment_id": payment_id, "count": count, "tag": tag})
+    edb.commit()
+    return tag
+
+
 def make_endpoint(db: Session, url: str, *, events: list[str] | None = None) -> WebhookEndpoint:
     from shared.services.webhook_delivery import create_endpoint
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from standardwebhooks import Webhook
 
@@ -19,6 +19,7 @@ from shared.adapters.celery_app import enqueue_refund
 from shared.domain.models import Refund, RefundStatus, WebhookDelivery
 from tests.events.conftest import (
     Receiver,
+    backlog,
     make_endpoint,
     make_refund,
     move,
@@ -122,24 +123,6 @@ def _pending_refund(edb: Session, charge_id: str) -> str:
     return refund_id
 
 
-def _backlog(edb: Session, count: int) -> None:
-    """``count`` refunds and their first events in one statement (each an event out)."""
-    refund_id = make_refund(edb)
-    payment_id = edb.scalar(select(Refund.payment_id).where(Refund.id == refund_id))
-    edb.execute(text("""
-        WITH made AS (
-            INSERT INTO refunds (id, payment_id, amount, currency, status,
-                                 stripe_idempotency_key, initiated_by)
-            SELECT 'rf_bl' || n || '_' || :tag, :payment_id, 1, 'usd', 'canceled',
-                   'bl-' || n || '-' || :tag, 'ops'
-            FROM generate_series(1, :count) AS n RETURNING id
-        )
-        INSERT INTO refund_events (refund_id, from_status, to_status, actor)
-        SELECT id, NULL, 'canceled', 'ops' FROM made
-    """), {"payment_id": payment_id, "count": count, "tag": str(time.monotonic_ns())[-8:]})
-    edb.commit()
-
-
 def test_a_dead_endpoint_with_thousands_waiting_slows_neither_refunds_nor_other_endpoints(
     edb: Session, receiver: Receiver, worker: ServiceProcess, emulator: EmulatorProcess
 ) -> None:
@@ -148,7 +131,7 @@ def test_a_dead_endpoint_with_thousands_waiting_slows_neither_refunds_nor_other_
     try:
         dead_endpoint = make_endpoint(
             edb, f"http://127.0.0.1:{dead.getsockname()[1]}/hooks")
-        _backlog(edb, 2000)
+        backlog(edb, 2000)
         wait_for(lambda: edb.scalar(select(func.count()).select_from(WebhookDelivery)
                                     .where(WebhookDelivery.endpoint_id == dead_endpoint.id))
                  >= 2000, timeout=30, what="2000 deliveries to the dead endpoint")
