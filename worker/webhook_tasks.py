@@ -184,13 +184,25 @@ def dispatch_forever() -> None:
                     # dispatch serves them all. Refunds draining at a few hundred a second
                     # notify that often; a dispatch each time cost the worker about a
                     # sixth of its CPU (make bench, BENCH_PROFILE=1).
-                    for _ in conn.notifies(timeout=interval, stop_after=1):
+                    if _notified(conn, interval):
                         _stop.wait(COALESCE_SECONDS)
                     for _ in conn.notifies(timeout=0.0):
                         pass
         except Exception:
             log.exception("webhook dispatcher: connection lost; reconnecting")
             _stop.wait(interval)
+
+
+def _notified(conn: psycopg.Connection[Any], timeout: float) -> bool:
+    """Whether a notification arrives within ``timeout``. Takes one and closes the
+    generator: ``notifies(stop_after=1)`` still hands out every notification of a batch it
+    read (a busy drain queues hundreds), and a pause after each of them kept a dispatcher
+    from dispatching for many minutes (make bench)."""
+    notifications = conn.notifies(timeout=timeout, stop_after=1)
+    try:
+        return next(notifications, None) is not None
+    finally:
+        notifications.close()
 
 
 def _dispatch() -> int:
