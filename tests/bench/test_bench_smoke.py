@@ -19,7 +19,7 @@ from tests.conftest import PG_ADMIN_URL
 from tests.support import ROOT
 
 TINY = {
-    "BENCH_PAYMENTS": "1000",  # each web server initiates on payments of its own
+    "BENCH_PAYMENTS": "3000",  # each of the three web servers initiates on payments of its own
     "BENCH_SECONDS": "2.5",  # over 2 s, so that CPU is metered (a second of it)
     "BENCH_WARMUP_SECONDS": "0.5",
     "BENCH_CONNECTIONS": "1,8,32",
@@ -57,7 +57,7 @@ def test_bench_prints_every_figure_and_no_request_fails(tmp_path: Path) -> None:
     assert json.loads(output.read_text()) == printed
 
     assert {"cores", "ram_gb", "cpu_model"} <= printed["machine"].keys()
-    assert printed["seed"]["payments"] == 1000
+    assert printed["seed"]["payments"] == 3000
     for connections in ("1", "8", "32"):
         phase = printed["initiation"][connections]
         assert phase["connections"] == int(connections)
