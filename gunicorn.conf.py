@@ -27,10 +27,12 @@ from shared.adapters.logging import dict_config
 
 settings = load_settings()
 
-# Requests as greenlets: make bench measured less CPU per request, more requests a
-# second and a lower p99 than gthread's 4 threads per process (README, Performance).
-# gevent patches the standard library in each worker before the app is loaded; psycopg
-# and redis-py then wait on the hub like any socket.
+# Requests as greenlets: a request waiting on Postgres (a hot payment's row lock, a slow
+# statement) holds no thread, so a process goes on serving the others, and Postgres sees
+# at most WEB_DB_CONNECTIONS per pool whatever the number of clients. make bench puts it
+# level with gthread's 4 threads on CPU and throughput, behind it on p99 (README,
+# Performance). gevent patches the standard library in each worker before the app is
+# loaded; psycopg and redis-py then wait on the hub like any socket.
 worker_class = "gevent"
 workers = settings.web_concurrency
 worker_connections = settings.web_connections

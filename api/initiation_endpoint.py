@@ -38,11 +38,12 @@ class InitiationEndpoint:
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         length = environ.get("CONTENT_LENGTH") or ""
+        size = int(length) if length.isdigit() else None
         if (
             environ["REQUEST_METHOD"] != "POST"
             or environ.get("PATH_INFO") != PATH
-            or not length.isdigit()
-            or int(length) > self.max_request_bytes
+            or size is None
+            or size > self.max_request_bytes
             or "HTTP_TRANSFER_ENCODING" in environ
         ):
             return self.app(environ, start_response)
@@ -55,7 +56,7 @@ class InitiationEndpoint:
         try:
             try:
                 caller = authorize(environ.get("HTTP_AUTHORIZATION"), "write")
-                raw_body = environ["wsgi.input"].read(int(length))
+                raw_body = environ["wsgi.input"].read(size)
                 result = initiate(caller, raw_body, environ.get("HTTP_IDEMPOTENCY_KEY"))
             except Exception as exc:  # every error is answered, as Flask answers them
                 status, error_code, message, headers = describe(exc, request_id)

@@ -26,11 +26,8 @@ def _parse_body(raw: bytes) -> RefundCreate:
         body = RefundCreate.model_validate_json(raw or b"null")
     except ValidationError as exc:
         if any(e["type"] in ("json_invalid", "model_type") for e in exc.errors()):
-            raise ApiError(
-                422,
-                "The body must be a JSON object, e.g. "
-                '{"charge_id": "ch_...", "amount_cents": 500}.',
-            ) from exc
+            raise ApiError(422, "The body must be a JSON object, e.g. "
+                           '{"charge_id": "ch_...", "amount_cents": 500}.') from exc
         raise ApiError(422, describe(exc, RefundCreate)) from exc
     # JSON parsers disagree on a key given twice (this one keeps the last copy, others
     # the first): a proxy, a log or a person reading the body could see another refund.

@@ -104,11 +104,10 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     worker_metrics_port: int = Field(default=9808, ge=0, le=65535)  # 0: the worker serves none
     # gunicorn processes, and the requests each serves at once as greenlets (gunicorn's
-    # gevent worker; make bench: less CPU per request than 4 threads per process, which
-    # contended for the GIL). A request is a millisecond or two of CPU and a few round
-    # trips, so a process is CPU bound long before its connections run out: more cores,
-    # more processes. Requests beyond WEB_DB_CONNECTIONS wait in the process for a
-    # Postgres connection, so Postgres sees a bounded number whatever the load.
+    # gevent worker, gunicorn.conf.py says why). A request is about a millisecond of CPU
+    # and a few round trips, so a process is CPU bound long before its connections run
+    # out: more cores, more processes. Requests beyond WEB_DB_CONNECTIONS wait in the
+    # process for a Postgres connection, so Postgres sees a bounded number whatever the load.
     web_concurrency: int = Field(default=2, ge=1, le=64)
     web_connections: int = Field(default=100, ge=1, le=10_000)
     web_db_connections: int = Field(default=4, ge=1, le=256)
