@@ -6,7 +6,7 @@ from flask import Flask, Response, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from api.errors import register_error_handlers
-from api.initiation_endpoint import InitiationEndpoint
+from api.plain_endpoints import PlainEndpoints
 from api.request_id import request_id_from
 from shared.adapters import db
 from shared.adapters.config import get_settings
@@ -57,7 +57,8 @@ def create_app() -> Flask:
     for blueprint in blueprints:
         app.register_blueprint(blueprint)
     register_error_handlers(app)
-    # POST /v1/admin/refunds is answered in front of Flask (api/initiation_endpoint.py).
-    app.wsgi_app = InitiationEndpoint(  # type: ignore[method-assign]
+    # POST /v1/admin/refunds and /v1/webhooks/stripe are answered in front of Flask
+    # (api/plain_endpoints.py).
+    app.wsgi_app = PlainEndpoints(  # type: ignore[method-assign]
         app.wsgi_app, settings.max_request_bytes)
     return app

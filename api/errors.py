@@ -70,7 +70,7 @@ def error_response(
 
 def describe(exc: BaseException, request_id: str | None) -> tuple[int, str, str, dict[str, str]]:
     """Status, error code, message and headers that answer ``exc``: the one place every
-    error becomes an answer, for Flask's views and for ``api.initiation_endpoint``.
+    error becomes an answer, for Flask's views and for ``api.plain_endpoints``.
     Failures of our own are logged here, with the request id the answer quotes."""
     if isinstance(exc, ApiError):
         return exc.status, exc.code, exc.message, exc.headers

@@ -82,7 +82,7 @@ def record_request(
 ) -> None:
     """Count and time one answered request and write its log line (for a refund
     initiation, ``(outcome, refund_id)`` too). Flask's requests come through ``_observe``;
-    ``api.initiation_endpoint`` calls it for the requests it serves itself."""
+    ``api.plain_endpoints`` calls it for the requests it serves itself."""
     metrics.observe_http_request(method=method, route=route, status=status, seconds=seconds)
     extra: dict[str, object] = {}
     if initiation is not None:

@@ -63,7 +63,7 @@ def _idempotency_key(key: str | None) -> str | None:
 
 def initiate(caller: Caller, raw_body: bytes, idempotency_key: str | None) -> refunds.Initiated:
     """``POST /v1/admin/refunds`` once the caller is known, whichever way it arrived: the
-    Flask view below, or ``api.initiation_endpoint`` (the same request without Flask)."""
+    Flask view below, or ``api.plain_endpoints`` (the same request without Flask)."""
     body = _parse_body(raw_body)
     key = _idempotency_key(idempotency_key)
     with get_web_pool().connection() as connection:

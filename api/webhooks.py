@@ -1,38 +1,53 @@
 """POST /v1/webhooks/stripe (SPEC 3.3): authenticated by Stripe's signature, not a token.
 
 Verify, store once, apply what needs no call to Stripe, answer: the request never waits
-for Stripe, so a burst of events or a slow Stripe never holds up the API's threads."""
+for Stripe, so a burst of events or a slow Stripe never holds up the API. A body sent with
+a Content-Length is answered in front of Flask (``api.plain_endpoints``); the view below
+takes the rest (a chunked body). Both call ``receive``."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
 from api.errors import ApiError
 from shared.adapters.celery_app import enqueue_stripe_event
 from shared.adapters.config import get_settings
-from shared.adapters.db import unit_of_work
+from shared.adapters.db import get_webhook_pool, unit_of_work
 from shared.services import stripe_events
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("webhooks", __name__, url_prefix="/v1/webhooks")
+STRIPE_ROUTE = "/stripe"
+#: The path Stripe is given (``api.plain_endpoints`` answers it too).
+STRIPE_PATH = f"{bp.url_prefix}{STRIPE_ROUTE}"
 
 
-@bp.post("/stripe")
-def stripe_webhook() -> Response:
-    # The raw bytes: the signature covers them exactly. MAX_CONTENT_LENGTH caps the read.
-    payload = request.get_data(cache=False)
+def receive(payload: bytes, signature: str | None) -> dict[str, Any]:
+    """The answer to one delivery of a Stripe event: ``payload`` is the raw body, which the
+    signature covers byte for byte."""
     try:
         event = stripe_events.verify_event(
-            payload, request.headers.get("Stripe-Signature"), get_settings().stripe_webhook_secret
+            payload, signature, get_settings().stripe_webhook_secret
         )
     except (stripe_events.InvalidSignature, stripe_events.InvalidPayload) as exc:
         raise ApiError(400, exc.message, code=exc.code) from exc
-    with unit_of_work() as session:
-        outcome = stripe_events.receive_event(session=session, event=event)
+    if stripe_events.applied_on_receipt(event):
+        with unit_of_work() as session:
+            outcome = stripe_events.receive_event(session=session, event=event)
+    else:  # most of a refund burst: one statement, on connections of the webhook's own
+        with get_webhook_pool().connection() as connection:
+            outcome = stripe_events.store_event(connection, event)
     if outcome == "deferred":
         # After the commit; if this fails the reconciler sends the stored event on.
         enqueue_stripe_event(str(event["id"]))
-    return jsonify(received=True, outcome=outcome)
+    return {"received": True, "outcome": outcome}
+
+
+@bp.post(STRIPE_ROUTE)
+def stripe_webhook() -> Response:
+    # MAX_CONTENT_LENGTH caps the read.
+    return jsonify(receive(request.get_data(cache=False), request.headers.get("Stripe-Signature")))

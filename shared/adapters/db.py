@@ -114,6 +114,18 @@ def get_web_pool() -> ConnectionPool[psycopg.Connection[Any]]:
     )
 
 
+@functools.cache
+def get_webhook_pool() -> ConnectionPool[psycopg.Connection[Any]]:
+    """Autocommit connections for ``POST /v1/webhooks/stripe``'s one statement (storing
+    an event that a worker applies: most of a refund burst), ``WEB_DB_CONNECTIONS`` of
+    them, checked as the refund endpoint's are. A pool of its own: a burst of Stripe's
+    events queues for these, never for the connections refunds are initiated on."""
+    return _autocommit_pool(
+        "refunds-webhooks", get_settings().web_db_connections, 5,
+        application_name="refunds-webhooks", check=_nothing_to_read,
+    )
+
+
 #: The system's poll() even where gevent patched the select module (the web's gevent
 #: worker): a poll with no timeout never blocks, and gevent's would pass every checkout
 #: through its hub and back (2 % of a POST's CPU, make bench).

@@ -17,12 +17,13 @@ from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
+import psycopg
 import stripe
 from psycopg.types.json import Jsonb
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from shared.adapters.db import driver_cursor, unit_of_work
+from shared.adapters.db import driver_cursor, run_and_commit, unit_of_work
 from shared.adapters.stripe_gateway import StripeGateway
 from shared.domain.errors import RefundServiceError
 from shared.domain.models import StripeEvent
@@ -226,6 +227,45 @@ class _NoStripe:
 NO_STRIPE: Any = _NoStripe()
 
 
+def applied_on_receipt(event: Mapping[str, Any]) -> bool:
+    """Whether the webhook applies this event itself (``receive_event``, a transaction
+    of its own) rather than only storing it (``store_event``, one statement): events
+    whose handler can take the snapshot it carries."""
+    handler = HANDLERS.get(str(event["type"]))
+    return handler is not None and handler not in ALWAYS_NEED_STRIPE
+
+
+# Store an event once; one whose type nothing handles is applied as it is stored.
+_STORE_SQL = """
+INSERT INTO stripe_events (id, type, payload, applied_at)
+VALUES (%(id)s, %(type)s, %(payload)s, CASE WHEN %(applied)s THEN now() END)
+ON CONFLICT (id) DO NOTHING RETURNING id
+"""
+
+
+def _store_params(event: Mapping[str, Any], *, applied: bool = False) -> dict[str, Any]:
+    handler = HANDLERS.get(str(event["type"]))
+    return {
+        "id": str(event["id"]),
+        "type": str(event["type"]),
+        "payload": Jsonb(_storable(event["data"]["object"])) if handler is not None else None,
+        "applied": applied,
+    }
+
+
+def store_event(connection: psycopg.Connection[Any], event: Mapping[str, Any]) -> str:
+    """Store a verified event that the webhook does not apply (see ``applied_on_receipt``)
+    in one statement on an autocommit connection. Returns ``ignored`` (no handler: stored
+    as applied), ``deferred`` (stored for ``apply_stored_event``: call ``enqueue`` after
+    this) or ``duplicate``.
+
+    A refund burst is mostly these events: one round trip each, with no transaction
+    around it, keeps the webhook's answer quick and its CPU small (README, Performance)."""
+    ignored = HANDLERS.get(str(event["type"])) is None
+    claimed = run_and_commit(connection, _STORE_SQL, _store_params(event, applied=ignored))
+    return _outcome(event, None if claimed is None else "ignored" if ignored else "deferred")
+
+
 def receive_event(*, session: Session, event: Mapping[str, Any]) -> str:
     """Store one verified event once and apply it if it carries all that is needed;
     commits. Returns ``processed``, ``ignored``, ``duplicate``, or ``deferred`` (stored,
@@ -236,18 +276,12 @@ def receive_event(*, session: Session, event: Mapping[str, Any]) -> str:
     payment only Stripe can settle) is rolled back to a savepoint and stored for later.
     A concurrent delivery of the same event waits on the event id's insert and then
     finds it taken."""
-    event_id, event_type = str(event["id"]), str(event["type"])
-    handler = HANDLERS.get(event_type)
-    payload = Jsonb(_storable(event["data"]["object"])) if handler is not None else None
-    claimed = driver_cursor(session).execute(
-        "INSERT INTO stripe_events (id, type, payload) VALUES (%s, %s, %s)"
-        " ON CONFLICT (id) DO NOTHING RETURNING id",
-        (event_id, event_type, payload),
-    ).fetchone()
+    event_id = str(event["id"])
+    handler = HANDLERS.get(str(event["type"]))
+    claimed = driver_cursor(session).execute(_STORE_SQL, _store_params(event)).fetchone()
     if claimed is None:
         session.rollback()
-        log.info("stripe event %s %s: duplicate", event_id, event_type)
-        return "duplicate"
+        return _outcome(event, None)
     applied = handler is None
     if handler is not None and handler not in ALWAYS_NEED_STRIPE:
         try:
@@ -259,8 +293,15 @@ def receive_event(*, session: Session, event: Mapping[str, Any]) -> str:
     if applied:
         _mark_applied(session, event_id)
     session.commit()
-    outcome = "deferred" if not applied else "processed" if handler is not None else "ignored"
-    log.info("stripe event %s %s: %s", event_id, event_type, outcome)
+    return _outcome(
+        event, "deferred" if not applied else "processed" if handler is not None else "ignored"
+    )
+
+
+def _outcome(event: Mapping[str, Any], outcome: str | None) -> str:
+    """``outcome``, or ``duplicate`` for None (the event id was stored already); logged."""
+    outcome = outcome or "duplicate"
+    log.info("stripe event %s %s: %s", event["id"], event["type"], outcome)
     return outcome
 
 

@@ -1,14 +1,20 @@
-"""``POST /v1/admin/refunds`` has two ways in: ``api.initiation_endpoint`` answers a
-body sent with a Content-Length in front of Flask, and the Flask view answers one sent
-chunked. Both must give the same answer to the same request, error or not."""
+"""``POST /v1/admin/refunds`` and ``POST /v1/webhooks/stripe`` have two ways in:
+``api.plain_endpoints`` answers a body sent with a Content-Length in front of Flask, and
+the Flask view answers one sent chunked. Both must give the same answer to the same
+request, error or not."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+import json
+import time
+import uuid
 from typing import Any
 
 import httpx
 import pytest
+import stripe
+from sqlalchemy import text
 
 from tests.api.helpers import REFUNDS
 from tests.support import auth, seed_payment
@@ -20,10 +26,12 @@ def _chunked(body: bytes) -> Iterator[bytes]:
     yield body  # a generator: httpx sends it with Transfer-Encoding: chunked
 
 
-def _both_ways(client: httpx.Client, body: bytes, headers: dict[str, str]) -> list[httpx.Response]:
+def _both_ways(
+    client: httpx.Client, body: bytes, headers: dict[str, str], path: str = REFUNDS
+) -> list[httpx.Response]:
     return [
-        client.post(REFUNDS, content=body, headers=headers),
-        client.post(REFUNDS, content=_chunked(body), headers=headers),
+        client.post(path, content=body, headers=headers),
+        client.post(path, content=_chunked(body), headers=headers),
     ]
 
 
@@ -101,3 +109,71 @@ def test_the_request_id_is_echoed_either_way(client, settings, charge_id) -> Non
     body = b'{"charge_id": "%s", "amount_cents": 1}' % charge_id.encode()
     assert [r.headers["x-request-id"] for r in _both_ways(client, body, headers)] == [
         "trace-42", "trace-42"]
+
+
+# -- POST /v1/webhooks/stripe ------------------------------------------------------------
+
+WEBHOOK = "/v1/webhooks/stripe"
+
+
+def _event(event_type: str) -> bytes:
+    obj: dict[str, Any] = {"id": f"re_{uuid.uuid4().hex[:12]}", "object": "refund"}
+    if event_type.startswith("payment_intent."):  # a snapshot the webhook can trust
+        obj = {"id": f"pi_{uuid.uuid4().hex[:12]}", "object": "payment_intent",
+               "amount": 1000, "currency": "usd", "status": "requires_payment_method",
+               "amount_received": 0}
+    return json.dumps({
+        "id": f"evt_plain_{uuid.uuid4().hex[:16]}", "object": "event", "type": event_type,
+        "created": int(time.time()), "data": {"object": obj},
+    }).encode()
+
+
+def _signed(settings, body: bytes) -> dict[str, str]:
+    signature = stripe.WebhookSignature.generate_signature_header(
+        body.decode(), settings.stripe_webhook_secret)
+    return {"Content-Type": "application/json", "Stripe-Signature": signature}
+
+
+WEBHOOK_ERRORS: dict[str, tuple[bytes, str | None]] = {  # body, signature (None: signed)
+    "no signature": (b'{"id": "evt_1"}', ""),
+    "a wrong signature": (b'{"id": "evt_1"}', "t=1,v1=00"),
+    "not JSON": (b"{nope", None),
+    "not an event": (b'{"id": "evt_1", "type": "refund.updated"}', None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WEBHOOK_ERRORS))
+def test_webhook_errors_are_the_same_either_way(client, settings, case) -> None:
+    body, signature = WEBHOOK_ERRORS[case]
+    headers = _signed(settings, body)
+    if signature is not None:
+        headers["Stripe-Signature"] = signature
+    if not signature:
+        del headers["Stripe-Signature"]
+    plain, through_flask = _both_ways(client, body, headers, WEBHOOK)
+    assert plain.status_code == 400
+    assert _answer(plain) == _answer(through_flask)
+
+
+@pytest.mark.parametrize(("event_type", "outcome"), [
+    ("refund.updated", "deferred"),  # stored for a worker, in one statement
+    ("customer.created", "ignored"),  # no handler: stored as applied
+    ("payment_intent.created", "processed"),  # applied in the webhook's transaction
+])
+def test_webhook_answers_are_the_same_either_way(client, settings, db, event_type, outcome) -> None:
+    bodies = [_event(event_type) for _ in range(2)]
+    plain = client.post(WEBHOOK, content=bodies[0], headers=_signed(settings, bodies[0]))
+    through_flask = client.post(
+        WEBHOOK, content=_chunked(bodies[1]), headers=_signed(settings, bodies[1]))
+    assert _answer(plain) == _answer(through_flask)
+    assert plain.json() == {"received": True, "outcome": outcome}
+    # Each stored once: the next delivery of either is a duplicate, either way.
+    again = [client.post(WEBHOOK, content=body, headers=_signed(settings, body)) for body in bodies]
+    again += [client.post(WEBHOOK, content=_chunked(body), headers=_signed(settings, body))
+              for body in bodies]
+    assert [r.json()["outcome"] for r in again] == ["duplicate"] * 4
+    stored = db.execute(
+        text("SELECT type, applied_at IS NOT NULL FROM stripe_events WHERE id = ANY(:ids)"),
+        {"ids": [json.loads(body)["id"] for body in bodies]},
+    ).all()
+    assert sorted(stored) == [(event_type, outcome != "deferred")] * 2
