@@ -95,6 +95,29 @@ def test_a_rolled_back_change_leaves_no_event_and_a_non_change_makes_none(edb: S
                       .where(RefundEvent.from_status == "pending")) is not None
 
 
+def test_with_no_endpoint_enabled_events_are_kept_with_no_fan_out_work(
+    edb: Session, events_env: dict[str, str], receiver: Receiver
+) -> None:
+    """Nobody subscribed: the event is recorded already fanned out and wakes no dispatcher
+    (no NOTIFY); an endpoint receives what changes while it is enabled."""
+    import psycopg
+
+    with psycopg.connect(events_env["DATABASE_URL"].replace("+psycopg", ""),
+                         autocommit=True) as listener:
+        listener.execute("LISTEN webhook_outbox")
+        quiet = make_refund(edb)
+        move(edb, quiet, S.SUCCEEDED)
+        assert [e.fanned_out_at is not None for e in outbox_of(edb, quiet)] == [True, True]
+        assert list(listener.notifies(timeout=0.5)) == []
+        endpoint = make_endpoint(edb, receiver.url)
+        heard = make_refund(edb)
+        assert [e.fanned_out_at for e in outbox_of(edb, heard)] == [None]
+        assert len(list(listener.notifies(timeout=2, stop_after=1))) == 1
+    dispatch()
+    assert [d.event_id for d in deliveries_of(edb, endpoint.id)] == [
+        e.id for e in outbox_of(edb, heard)]
+
+
 def transition(db: Session, refund_id: str, to_status: RefundStatus) -> None:
     from shared.services.transitions import transition as move_refund
 
