@@ -59,6 +59,7 @@ from bench.stack import (
     procfile_process,
     redis_server,
     shell_process,
+    speed_probe_ms,
     wait_for_http,
 )
 
@@ -106,6 +107,7 @@ class Config:
     webhook_connections: int
     webhook_stripe_latency_ms: int
     burst_refund_connections: int
+    burst_refund_rate: float
     baseline_threads: int
     hotspot_connections: int
     warmup_seconds: float
@@ -152,6 +154,9 @@ class Config:
             webhook_connections=_env_int("BENCH_WEBHOOK_CONNECTIONS", 32),
             webhook_stripe_latency_ms=_env_int("BENCH_WEBHOOK_STRIPE_LATENCY_MS", 1000, low=0),
             burst_refund_connections=_env_int("BENCH_BURST_REFUND_CONNECTIONS", 8),
+            # 0: as fast as the connections go (the machine's capacity, shared with the
+            # burst); a rate: initiation as it arrives, e.g. 100/s, Stripe's live limit.
+            burst_refund_rate=_env_float("BENCH_BURST_REFUND_RATE", 0.0),
             baseline_threads=_env_int("BENCH_BASELINE_THREADS", 8),
             hotspot_connections=_env_int("BENCH_HOTSPOT_CONNECTIONS", 8),
             warmup_seconds=_env_float("BENCH_WARMUP_SECONDS", 2.0),
@@ -880,15 +885,18 @@ class Bench:
             # started and busy with the refunds being made (a short unmeasured run first,
             # so its start-up is in neither figure).
             self.admin.faults(latency_ms=c.webhook_stripe_latency_ms)
-            self.loadgen(alone_file, c.burst_refund_connections, duration=c.warmup_seconds + 1)
-            alone = self.loadgen(alone_file, c.burst_refund_connections, duration=c.seconds)
+            rate = c.burst_refund_rate
+            self.loadgen(alone_file, c.burst_refund_connections, duration=c.warmup_seconds + 1,
+                         rate=rate)
+            alone = self.loadgen(alone_file, c.burst_refund_connections, duration=c.seconds,
+                                 rate=rate)
             with ThreadPoolExecutor(1) as pool:
                 burst = pool.submit(self.loadgen, alone_file, c.webhook_connections,
                                     requests=c.webhook_events, rate=c.webhook_rate,
                                     webhook_events=events_file)
                 time.sleep(0.5)
                 during = self.loadgen(during_file, c.burst_refund_connections,
-                                      duration=c.seconds)
+                                      duration=c.seconds, rate=rate)
                 webhooks = burst.result()
         finally:
             self.admin.clear_faults()
@@ -899,6 +907,7 @@ class Bench:
             "events": c.webhook_events,
             "event_rate_per_s": c.webhook_rate,
             "webhook_connections": c.webhook_connections,
+            "initiation_rate_per_s": c.burst_refund_rate or "as fast as 8 connections go",
             "emulator_latency_ms": c.webhook_stripe_latency_ms,
             "webhooks": webhooks,
             "initiation_alone": alone,
@@ -1010,6 +1019,7 @@ class Bench:
                 burst["initiation_p99_ratio"] <= 1.2)
         self.result["targets"] = targets
         self.result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        self.result["speed_probe_ms_at_end"] = speed_probe_ms()
 
     def close(self) -> None:
         if self._conn is not None:

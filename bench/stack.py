@@ -148,7 +148,22 @@ def machine_info() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "postgres": "",
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "speed_probe_ms_at_start": speed_probe_ms(),
     }
+
+
+def speed_probe_ms() -> float:
+    """Milliseconds of CPU a fixed pure-Python loop takes, best of three: the same loop
+    varied by a third from one hour to the next on the shared host these figures come
+    from, so CPU figures of two runs compare only beside their probes."""
+    best = float("inf")
+    for _ in range(3):
+        started = time.process_time()
+        total = 0
+        for i in range(2_000_000):
+            total += i
+        best = min(best, time.process_time() - started)
+    return round(best * 1000, 1)
 
 
 class CpuMeter:

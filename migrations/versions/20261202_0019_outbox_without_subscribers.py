@@ -59,7 +59,9 @@ END $$;
 
 
 def upgrade() -> None:
-    op.execute(_FUNCTION.format(subscribed="EXISTS (SELECT 1 FROM webhook_endpoints WHERE enabled)"))
+    op.execute(
+        _FUNCTION.format(subscribed="EXISTS (SELECT 1 FROM webhook_endpoints WHERE enabled)")
+    )
 
 
 def downgrade() -> None:

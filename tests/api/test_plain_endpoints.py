@@ -5,10 +5,10 @@ request, error or not."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
