@@ -43,7 +43,7 @@ def receive(payload: bytes, signature: str | None) -> dict[str, Any]:
             outcome = stripe_events.store_event(connection, event)
     if outcome == "deferred":
         # After the commit; if this fails the reconciler sends the stored event on.
-        enqueue_stripe_event(str(event["id"]))
+        enqueue_stripe_event(str(event["id"]), coalesce=stripe_events.coalescing_key(event))
     return {"received": True, "outcome": outcome}
 
 

@@ -12,6 +12,7 @@ from shared.adapters.celery_app import (
     APPLY_STRIPE_EVENT_TASK,
     PROCESS_REFUND_TASK,
     RECONCILE_TASK,
+    begin_coalesced,
     get_celery,
 )
 from shared.adapters.stripe_gateway import GATEWAY_ERRORS, get_gateway
@@ -42,10 +43,12 @@ def process_refund(self: Task, refund_id: str) -> str:
 
 
 @app.task(name=APPLY_STRIPE_EVENT_TASK, bind=True, max_retries=8)
-def apply_stripe_event(self: Task, event_id: str) -> str:
+def apply_stripe_event(self: Task, event_id: str, coalesced: str | None = None) -> str:
     retries = self.request.retries or 0
+    begin_coalesced(coalesced)  # before Stripe is asked: see enqueue_stripe_event
     try:
-        return stripe_events.apply_stored_event(str(event_id), gateway=get_gateway())
+        return stripe_events.apply_stored_event(
+            str(event_id), gateway=get_gateway(), coalesced=coalesced is not None)
     except (*GATEWAY_ERRORS, *DATABASE_ERRORS) as exc:
         # Stripe or Postgres unreachable: the event stays stored, unapplied; after the
         # last retry the reconciler sends it again.

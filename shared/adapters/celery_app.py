@@ -125,15 +125,75 @@ def enqueue_refund(refund_id: str) -> bool:
     return _enqueue(PROCESS_REFUND_TASK, REFUNDS_QUEUE, refund_id, refund_id=refund_id)
 
 
-def enqueue_stripe_event(event_id: str) -> bool:
+#: How long a task for a Stripe event waits before it asks Stripe, so that the events
+#: Stripe sends together about one refund (refund.created, refund.updated,
+#: charge.refund.updated...) are answered by one request: see ``enqueue_stripe_event``.
+STRIPE_EVENT_COALESCE_SECONDS = 1.0
+#: A coalescing mark outlives its task's countdown by far, yet a mark whose task is lost
+#: (a worker killed before the task began) holds later events back only this long.
+STRIPE_EVENT_MARK_SECONDS = 30
+_MARK_PREFIX = "refunds:stripe-event-task:"
+
+
+def enqueue_stripe_event(event_id: str, *, coalesce: str | None = None) -> bool:
     """Ask a worker to apply a stored Stripe event. Call only after it is committed; a
-    failure loses nothing (the reconciler sends unapplied events again)."""
-    return _enqueue(
-        APPLY_STRIPE_EVENT_TASK, STRIPE_EVENTS_QUEUE, event_id, stripe_event_id=event_id
+    failure loses nothing (the reconciler sends unapplied events again).
+
+    ``coalesce`` names what the event is about (``stripe_events.coalescing_key``): the
+    first such event in a while gets a task, started ``STRIPE_EVENT_COALESCE_SECONDS``
+    later; the ones arriving before that task begins get none, because its answer from
+    Stripe applies every event about the object stored before it asked (the task drops
+    the mark as it begins: ``begin_coalesced``). A burst of Stripe's events then spends
+    one request of the Stripe budget a refund, not one an event."""
+    kwargs: dict[str, Any] = {}
+    countdown = None
+    if coalesce is not None:
+        try:
+            first = _marks().set(_MARK_PREFIX + coalesce, event_id, nx=True,
+                                 ex=STRIPE_EVENT_MARK_SECONDS)
+        except redis.RedisError:
+            log.warning("Stripe event coalescing unavailable; a task for this event alone",
+                        extra={"stripe_event_id": event_id})
+        else:
+            if not first:
+                return True  # the task already waiting applies this event too
+            kwargs, countdown = {"coalesced": coalesce}, STRIPE_EVENT_COALESCE_SECONDS
+    sent = _enqueue(APPLY_STRIPE_EVENT_TASK, STRIPE_EVENTS_QUEUE, event_id, kwargs=kwargs,
+                    countdown=countdown, stripe_event_id=event_id)
+    if not sent and kwargs:
+        begin_coalesced(coalesce)  # no task holds the mark: later events must get one
+    return sent
+
+
+def begin_coalesced(coalesce: str | None) -> None:
+    """A coalesced task begins: from here on, a new event about its object gets a task of
+    its own. Call before reading the time Stripe is asked at (``apply_stored_event``)."""
+    if coalesce is None:
+        return
+    try:
+        _marks().delete(_MARK_PREFIX + coalesce)
+    except redis.RedisError:
+        # The mark runs out on its own; events it held back meanwhile are applied by
+        # the reconciler's pass over unapplied events.
+        log.warning("could not drop a Stripe event coalescing mark", exc_info=True)
+
+
+@functools.cache
+def _marks() -> redis.Redis:
+    """``REDIS_URL``, bounded as an enqueue is (the webhook waits on it)."""
+    return redis.Redis.from_url(
+        get_settings().redis_url,
+        socket_timeout=ENQUEUE_SOCKET_TIMEOUT_SECONDS,
+        socket_connect_timeout=ENQUEUE_CONNECT_TIMEOUT_SECONDS,
+        retry=Retry(NoBackoff(), ENQUEUE_RETRIES),
+        health_check_interval=0,
     )
 
 
-def _enqueue(task: str, queue: str, object_id: str, **log_fields: str) -> bool:
+def _enqueue(
+    task: str, queue: str, object_id: str, *, kwargs: dict[str, Any] | None = None,
+    countdown: float | None = None, **log_fields: str,
+) -> bool:
     app = get_celery()
     try:
         # The message Celery's ``send_task`` would send (same protocol, headers and
@@ -146,10 +206,12 @@ def _enqueue(task: str, queue: str, object_id: str, **log_fields: str) -> bool:
             str(uuid.uuid4()),
             task,
             args=args,
+            kwargs=kwargs or {},
+            countdown=countdown,
             # What Celery's saferepr would make of one short id, without its machinery
             # (a fifth of the enqueue's CPU); Flower shows these.
             argsrepr=repr(args),
-            kwargsrepr="{}",
+            kwargsrepr=repr(kwargs or {}),
             # As send_task sends it: None leaves the task's setting (task_ignore_result) in
             # force; as_task_v2's default, False, would have workers store every result.
             ignore_result=None,

@@ -318,19 +318,32 @@ def _storable(value: Any) -> Any:
     return value
 
 
-def apply_stored_event(event_id: str, *, gateway: StripeGateway) -> str:
+def coalescing_key(event: Mapping[str, Any]) -> str | None:
+    """What a deferred event is about, for events that one answer from Stripe applies
+    together (``_mark_superseded``): the handler and the object's id. None for the rest,
+    which each need a task of their own."""
+    handler = HANDLERS.get(str(event["type"]))
+    if handler not in ALWAYS_NEED_STRIPE:
+        return None
+    return f"{handler.__name__}:{_object_id(event['data']['object'])}"
+
+
+def apply_stored_event(event_id: str, *, gateway: StripeGateway, coalesced: bool = False) -> str:
     """Apply a stored event that needed Stripe (a worker's task). Returns ``processed``,
     or ``already_applied`` when another worker or an earlier delivery got there first.
+
+    A ``coalesced`` task stands for every event about its object that arrived while it
+    waited (``enqueue_stripe_event``): if its own event was applied meanwhile, it applies
+    one of those that are not.
 
     Stripe is asked before the transaction opens, so no lock is held while it answers;
     the event is then applied and marked in one transaction, under its row lock."""
     with unit_of_work() as session:
-        row = session.execute(
-            # now(): a moment before Stripe is asked (see _mark_superseded).
-            select(StripeEvent.type, StripeEvent.payload, StripeEvent.applied_at,
-                   func.now().label("asked_after"))
-            .where(StripeEvent.id == event_id)
-        ).first()
+        row = _stored(session, event_id)
+        if row is not None and row.applied_at is not None and coalesced:
+            waiting = _unapplied_about_the_same(session, row)
+            row = _stored(session, waiting) if waiting is not None else row
+            event_id = waiting or event_id
     if row is None or row.applied_at is not None:
         return "already_applied"
     handler = HANDLERS.get(row.type)
@@ -358,6 +371,30 @@ def apply_stored_event(event_id: str, *, gateway: StripeGateway) -> str:
     log.info("stripe event %s %s: processed", event_id, row.type,
              extra={"superseded_events": superseded})
     return "processed"
+
+
+def _stored(session: Session, event_id: str) -> Any:
+    return session.execute(
+        # now(): a moment before Stripe is asked (see _mark_superseded).
+        select(StripeEvent.type, StripeEvent.payload, StripeEvent.applied_at,
+               func.now().label("asked_after"))
+        .where(StripeEvent.id == event_id)
+    ).first()
+
+
+def _unapplied_about_the_same(session: Session, row: Any) -> str | None:
+    """The oldest unapplied event that the same answer would apply (see below)."""
+    handler = HANDLERS.get(row.type)
+    if handler not in ALWAYS_NEED_STRIPE or row.payload is None:
+        return None
+    return session.scalar(
+        select(StripeEvent.id)
+        .where(StripeEvent.applied_at.is_(None),
+               StripeEvent.payload["id"].astext == str(row.payload.get("id")),
+               StripeEvent.type.in_([name for name, h in HANDLERS.items() if h is handler]))
+        .order_by(StripeEvent.received_at)
+        .limit(1)
+    )
 
 
 # Unapplied events of these types about this object, stored before ``asked_after``.

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 import stripe
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from shared.adapters.config import Settings
@@ -388,6 +388,69 @@ def test_refund_events_waiting_when_stripe_is_asked_are_all_applied_by_its_answe
             "processed")
         assert refunds_of(db, charge_id) == [(refund.id, "stripe", 300, "succeeded"),
                                              (other.id, "stripe", 100, "succeeded")]
+    finally:
+        stack.admin.config(webhook_url=stack.webhook_url)
+
+
+def test_events_arriving_together_about_one_refund_share_one_task_and_one_stripe_request(
+    stack: Stack, db: Session
+) -> None:
+    """Through the endpoint: the first event about a refund gets a task that waits a
+    moment; those arriving meanwhile get none, and its one answer from Stripe applies
+    them all. An event arriving after that task began gets a task of its own."""
+    _, charge_id = paid(stack, db, amount=900)
+    stack.admin.config(webhook_url=None)
+    try:
+        client = stack.stripe()
+        refund = client.v1.refunds.create({"charge": charge_id, "amount": 300})
+        other = client.v1.refunds.create({"charge": charge_id, "amount": 100})
+        stack.admin.reset_stats()
+        together = [event(kind, {"id": refund.id, "object": "refund"})
+                    for kind in ("refund.created", "refund.updated", "charge.refund.updated")]
+        together.append(event("refund.created", {"id": other.id, "object": "refund"}))
+        assert [deliver(stack, body).json()["outcome"] for body in together] == [
+            "deferred"] * 4
+        wait_for(lambda: all(applied(db, b["id"]) for b in together), timeout=30,
+                 what="the worker to apply the four events")
+        assert sum(stack.admin.stats()["requests"].values()) == 2  # one a refund
+
+        later = event("refund.updated", {"id": refund.id, "object": "refund"})
+        assert deliver(stack, later).json()["outcome"] == "deferred"
+        wait_for(lambda: applied(db, later["id"]), timeout=30, what="the later event")
+        assert sum(stack.admin.stats()["requests"].values()) == 3
+        assert refunds_of(db, charge_id) == [(refund.id, "stripe", 300, "succeeded"),
+                                             (other.id, "stripe", 100, "succeeded")]
+    finally:
+        stack.admin.config(webhook_url=stack.webhook_url)
+
+
+def test_a_coalesced_task_whose_event_was_applied_applies_the_ones_it_stands_for(
+    stack: Stack, db: Session, settings: Settings
+) -> None:
+    """Its own event applied meanwhile (by the reconciler's resend, say), the task still
+    answers for the events that arrived while it waited: they got no task of their own."""
+    _, charge_id = paid(stack, db, amount=900)
+    stack.admin.config(webhook_url=None)
+    try:
+        refund = stack.stripe().v1.refunds.create({"charge": charge_id, "amount": 300})
+        first, waiting = [event(kind, {"id": refund.id, "object": "refund"})
+                          for kind in ("refund.created", "refund.updated")]
+        for body in (first, waiting):
+            with unit_of_work() as session:
+                assert stripe_events.receive_event(session=session, event=body) == "deferred"
+        db.execute(update(StripeEvent).where(StripeEvent.id == first["id"])
+                   .values(applied_at=func.now()))
+        db.commit()
+        gateway = StripeGateway(settings.model_copy(
+            update={"stripe_api_base": stack.emulator.url}), throttle=lambda: None)
+
+        assert stripe_events.apply_stored_event(first["id"], gateway=gateway) == (
+            "already_applied")  # a task for this event alone has nothing to do
+        assert not applied(db, waiting["id"])
+        assert stripe_events.apply_stored_event(
+            first["id"], gateway=gateway, coalesced=True) == "processed"
+        assert applied(db, waiting["id"])
+        assert refunds_of(db, charge_id) == [(refund.id, "stripe", 300, "succeeded")]
     finally:
         stack.admin.config(webhook_url=stack.webhook_url)
 
