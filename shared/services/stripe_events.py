@@ -382,6 +382,11 @@ def _stored(session: Session, event_id: str) -> Any:
     ).first()
 
 
+def _types_of(handler: Handler) -> list[str]:
+    """The event types ``handler`` applies: one answer from Stripe covers them all."""
+    return [name for name, h in HANDLERS.items() if h is handler]
+
+
 def _unapplied_about_the_same(session: Session, row: Any) -> str | None:
     """The oldest unapplied event that the same answer would apply (see below)."""
     handler = HANDLERS.get(row.type)
@@ -391,7 +396,7 @@ def _unapplied_about_the_same(session: Session, row: Any) -> str | None:
         select(StripeEvent.id)
         .where(StripeEvent.applied_at.is_(None),
                StripeEvent.payload["id"].astext == str(row.payload.get("id")),
-               StripeEvent.type.in_([name for name, h in HANDLERS.items() if h is handler]))
+               StripeEvent.type.in_(_types_of(handler)))
         .order_by(StripeEvent.received_at)
         .limit(1)
     )
@@ -422,9 +427,8 @@ def _mark_superseded(
     was asked was sent before it, so Stripe's answer is at least as new: applying it
     again would change nothing, and would spend a request of Stripe's rate limit (which
     refunds need) on each. Events stored later are applied on their own."""
-    types = [name for name, h in HANDLERS.items() if h is handler]
     cursor = driver_cursor(session).execute(_SUPERSEDED_SQL, {
-        "object_id": str(obj.get("id")), "types": types, "asked_after": asked_after,
+        "object_id": str(obj.get("id")), "types": _types_of(handler), "asked_after": asked_after,
     })
     return cursor.rowcount
 
