@@ -91,6 +91,9 @@ class ContextFilter(logging.Filter):
 
 # 13-19 digits, maybe grouped by spaces or dashes, not part of an id or a decimal number.
 _CARD_CANDIDATE = re.compile(r"(?<!\w)(?<!\d\.)(?:\d[ -]?){12,18}\d(?!\w)(?!\.\d)")
+# Found in every text the pattern above matches, and searched for first: without the
+# lookarounds it costs a third as much, and most lines hold no such run of digits.
+_CARD_SHAPE = re.compile(r"\d[\d -]{11,}\d")
 # Each pattern with a substring that every match contains (None: always run it), tested
 # first: most lines hold none of them, and the regexes were most of the cost of a line.
 # A needle is only given where case folding cannot defeat it (no i, k or s: Unicode
@@ -102,7 +105,7 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str, str | None], ...] = (
             r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)(?:(?:bearer|basic|token)\s+)?[^\s\"',;]+"
         ),
         rf"\1{REDACTED}",
-        None,
+        "uthor",
     ),
     (re.compile(r"(?i)\bbearer\s+[A-Za-z0-9\-._~+/]+=*"), f"Bearer {REDACTED}", "bearer"),
     # A JWT anywhere (header.payload.signature, base64url).
@@ -149,7 +152,7 @@ def redact(text: str, literals: tuple[str, ...] = ()) -> str:
     for pattern, replacement, needle in _PATTERNS:
         if needle is None or needle in (folded if pattern.flags & re.IGNORECASE else text):
             text = pattern.sub(replacement, text)
-    return _CARD_CANDIDATE.sub(_mask_card, text)
+    return _CARD_CANDIDATE.sub(_mask_card, text) if _CARD_SHAPE.search(text) else text
 
 
 # --------------------------------------------------------------------------- formatting

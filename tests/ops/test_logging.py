@@ -35,6 +35,11 @@ JWT = (
         ("card 5555-5555-5555-4444.", "5555-5555-5555-4444"),
         ("amex 378282246310005", "378282246310005"),
         ('{"pan": "4111111111111111"}', "4111111111111111"),
+        # Each pattern is only run on a line holding its needle or its shape: upper case,
+        # a header name in JSON, digits other than ASCII's still reach them.
+        ("AUTHORIZATION: Token OPAQUE9value", "OPAQUE9value"),
+        ('{"authorization": "opaque-value-7"}', "opaque-value-7"),
+        ("card \u0664\u0662\u0664\u0662424242424242", "424242424242"),
     ],
 )
 def test_redact_masks_credentials_and_card_numbers(text: str, secret: str) -> None:
