@@ -66,6 +66,7 @@ def _observe(response: Response) -> Response:
         seconds=time.perf_counter() - started,
         caller=getattr(caller, "subject", None),
         initiation=initiation,
+        log_fields=g.get("access_log_fields"),
     )
     return response
 
@@ -79,12 +80,14 @@ def record_request(
     seconds: float,
     caller: str | None,
     initiation: tuple[str, str | None] | None = None,
+    log_fields: dict[str, object] | None = None,
 ) -> None:
     """Count and time one answered request and write its log line (for a refund
-    initiation, ``(outcome, refund_id)`` too). Flask's requests come through ``_observe``;
-    ``api.plain_endpoints`` calls it for the requests it serves itself."""
+    initiation, ``(outcome, refund_id)`` too; ``log_fields``: what else the view made
+    known). Flask's requests come through ``_observe``; ``api.plain_endpoints`` calls it
+    for the requests it serves itself."""
     metrics.observe_http_request(method=method, route=route, status=status, seconds=seconds)
-    extra: dict[str, object] = {}
+    extra: dict[str, object] = dict(log_fields) if log_fields else {}
     if initiation is not None:
         outcome, refund_id = initiation
         metrics.observe_refund_initiation(outcome)

@@ -43,6 +43,7 @@ class _Call:
 
     caller: Caller | None = None
     initiated: Initiated | None = None
+    log_fields: dict[str, object] | None = None
 
 
 def _initiate(environ: dict[str, Any], body: bytes, call: _Call) -> tuple[int, str, dict[str, str]]:
@@ -54,7 +55,9 @@ def _initiate(environ: dict[str, Any], body: bytes, call: _Call) -> tuple[int, s
 def _receive_stripe_event(
     environ: dict[str, Any], body: bytes, call: _Call
 ) -> tuple[int, str, dict[str, str]]:
-    return 200, _as_flask_writes(webhooks.receive(body, environ.get("HTTP_STRIPE_SIGNATURE"))), {}
+    received = webhooks.receive(body, environ.get("HTTP_STRIPE_SIGNATURE"))
+    call.log_fields = received.log_fields()
+    return 200, _as_flask_writes(received.answer()), {}
 
 
 ROUTES = {REFUNDS_PATH: _initiate, STRIPE_WEBHOOK_PATH: _receive_stripe_event}
@@ -107,6 +110,7 @@ class PlainEndpoints:
                     ),
                     initiated.refund_id if initiated is not None else None,
                 ) if route is _initiate else None,
+                log_fields=call.log_fields,
             )
         finally:
             service_logging.unbind(tokens)

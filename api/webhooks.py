@@ -8,9 +8,10 @@ takes the rest (a chunked body). Both call ``receive``."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, g, jsonify, request
 
 from api.errors import ApiError
 from shared.adapters.celery_app import enqueue_stripe_event
@@ -26,9 +27,27 @@ STRIPE_ROUTE = "/stripe"
 STRIPE_PATH = f"{bp.url_prefix}{STRIPE_ROUTE}"
 
 
-def receive(payload: bytes, signature: str | None) -> dict[str, Any]:
-    """The answer to one delivery of a Stripe event: ``payload`` is the raw body, which the
-    signature covers byte for byte."""
+@dataclass(frozen=True)
+class Received:
+    """One delivery of a verified event: what to answer and what its access line says."""
+
+    event_id: str
+    event_type: str
+    outcome: str
+
+    def answer(self) -> dict[str, Any]:
+        return {"received": True, "outcome": self.outcome}
+
+    def log_fields(self) -> dict[str, object]:
+        # On the request's access line rather than a line of its own: a refund burst is
+        # mostly these requests, and a second JSON line each was a sixth of the web's CPU.
+        return {"stripe_event": self.event_id, "event_type": self.event_type,
+                "outcome": self.outcome}
+
+
+def receive(payload: bytes, signature: str | None) -> Received:
+    """One delivery of a Stripe event: ``payload`` is the raw body, which the signature
+    covers byte for byte."""
     try:
         event = stripe_events.verify_event(
             payload, signature, get_settings().stripe_webhook_secret
@@ -44,10 +63,12 @@ def receive(payload: bytes, signature: str | None) -> dict[str, Any]:
     if outcome == "deferred":
         # After the commit; if this fails the reconciler sends the stored event on.
         enqueue_stripe_event(str(event["id"]), coalesce=stripe_events.coalescing_key(event))
-    return {"received": True, "outcome": outcome}
+    return Received(str(event["id"]), str(event["type"]), outcome)
 
 
 @bp.post(STRIPE_ROUTE)
 def stripe_webhook() -> Response:
     # MAX_CONTENT_LENGTH caps the read.
-    return jsonify(receive(request.get_data(cache=False), request.headers.get("Stripe-Signature")))
+    received = receive(request.get_data(cache=False), request.headers.get("Stripe-Signature"))
+    g.access_log_fields = received.log_fields()
+    return jsonify(received.answer())

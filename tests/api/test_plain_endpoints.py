@@ -160,7 +160,9 @@ def test_webhook_errors_are_the_same_either_way(client, settings, case) -> None:
     ("customer.created", "ignored"),  # no handler: stored as applied
     ("payment_intent.created", "processed"),  # applied in the webhook's transaction
 ])
-def test_webhook_answers_are_the_same_either_way(client, settings, db, event_type, outcome) -> None:
+def test_webhook_answers_are_the_same_either_way(
+    client, settings, db, log_dir, event_type, outcome
+) -> None:
     bodies = [_event(event_type) for _ in range(2)]
     plain = client.post(WEBHOOK, content=bodies[0], headers=_signed(settings, bodies[0]))
     through_flask = client.post(
@@ -177,3 +179,14 @@ def test_webhook_answers_are_the_same_either_way(client, settings, db, event_typ
         {"ids": [json.loads(body)["id"] for body in bodies]},
     ).all()
     assert sorted(stored) == [(event_type, outcome != "deferred")] * 2
+    # One log line a delivery, either way: the access line names the event and what became
+    # of it (no second line from the service).
+    for body in bodies:
+        event_id = json.loads(body)["id"]
+        lines = [json.loads(line) for path in log_dir.glob("web-*.log")
+                 for line in path.read_text().splitlines() if event_id in line]
+        assert [(line["logger"], line["route"], line["status"], line["event_type"],
+                 line["outcome"]) for line in lines] == (
+            [("api.access", WEBHOOK, 200, event_type, outcome)]
+            + [("api.access", WEBHOOK, 200, event_type, "duplicate")] * 2
+        ), lines
