@@ -114,6 +114,8 @@ class Config:
     idempotency_keys: bool
     web_servers: tuple[str, ...]
     profile: bool
+    #: Celery's broker for the web and the workers; "" is the bench's own Redis.
+    broker_url: str
     pg_admin_url: str
     output: str
 
@@ -164,6 +166,7 @@ class Config:
             web_servers=_web_servers(os.environ.get("BENCH_WEB_SERVERS",
                                                       "gunicorn,gunicorn-gthread,granian")),
             profile=os.environ.get("BENCH_PROFILE", "") not in ("", "0"),
+            broker_url=os.environ.get("BENCH_BROKER_URL", ""),
             pg_admin_url=os.environ.get(
                 "BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
             ),
@@ -405,6 +408,8 @@ class Bench:
             "LOG_LEVEL": os.environ.get("LOG_LEVEL", "INFO"),
             "PYTHONUNBUFFERED": "1",
         }
+        if c.broker_url:
+            self.env["CELERY_BROKER_URL"] = c.broker_url
         self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.redis_url = redis_url
         release = procfile_process("release", self.env, self.work)
@@ -435,7 +440,10 @@ class Bench:
             ttl_seconds=24 * 3600,
         )
         self.result["config"] = {
-            **{k: v for k, v in asdict(c).items() if k not in ("pg_admin_url", "output")},
+            **{k: v for k, v in asdict(c).items()
+               if k not in ("pg_admin_url", "output", "broker_url")},
+            # The scheme only: a broker URL may carry a password.
+            "broker": c.broker_url.partition(":")[0] if c.broker_url else "redis (the bench's own)",
             "web": f"WEB_CONCURRENCY={os.environ.get('WEB_CONCURRENCY', 'default')}, "
                    f"WEB_CONNECTIONS={os.environ.get('WEB_CONNECTIONS', 'default')}, "
                    f"WEB_DB_CONNECTIONS={os.environ.get('WEB_DB_CONNECTIONS', 'default')}; "
