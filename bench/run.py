@@ -782,6 +782,14 @@ class Bench:
     def end_to_end(self, share: list[str]) -> None:
         """One refund at a time: POST, then poll its row until it leaves ``pending``."""
         c = self.config
+        if not self.workers:  # BENCH_PHASES without the drain, which starts them
+            self.start_workers(c.workers, c.worker_concurrency, STRIPE_MAX_RPS="100000")
+            deadline = time.monotonic() + 60
+            while not all(" ready." in w.log_path.read_text(errors="replace")
+                          for w in self.workers):
+                if time.monotonic() > deadline:
+                    raise BenchError("the workers did not start within 60 s")
+                time.sleep(0.2)
         api = http.client.HTTPConnection("127.0.0.1", int(self.url.rsplit(":", 1)[1]))
         headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
         e2e, post = [], []
