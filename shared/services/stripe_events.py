@@ -263,7 +263,7 @@ def store_event(connection: psycopg.Connection[Any], event: Mapping[str, Any]) -
     around it, keeps the webhook's answer quick and its CPU small (README, Performance)."""
     ignored = HANDLERS.get(str(event["type"])) is None
     claimed = run_and_commit(connection, _STORE_SQL, _store_params(event, applied=ignored))
-    return _outcome(None if claimed is None else "ignored" if ignored else "deferred")
+    return "duplicate" if claimed is None else "ignored" if ignored else "deferred"
 
 
 def receive_event(*, session: Session, event: Mapping[str, Any]) -> str:
@@ -281,7 +281,7 @@ def receive_event(*, session: Session, event: Mapping[str, Any]) -> str:
     claimed = driver_cursor(session).execute(_STORE_SQL, _store_params(event)).fetchone()
     if claimed is None:
         session.rollback()
-        return _outcome(None)
+        return "duplicate"
     applied = handler is None
     if handler is not None and handler not in ALWAYS_NEED_STRIPE:
         try:
@@ -293,15 +293,7 @@ def receive_event(*, session: Session, event: Mapping[str, Any]) -> str:
     if applied:
         _mark_applied(session, event_id)
     session.commit()
-    return _outcome(
-        "deferred" if not applied else "processed" if handler is not None else "ignored"
-    )
-
-
-def _outcome(outcome: str | None) -> str:
-    """``outcome``, or ``duplicate`` for None (the event id was stored already). The
-    webhook's access line carries it with the event's id and type (``api.webhooks``)."""
-    return outcome or "duplicate"
+    return "deferred" if not applied else "processed" if handler is not None else "ignored"
 
 
 def _storable(value: Any) -> Any:
