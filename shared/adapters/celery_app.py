@@ -188,14 +188,7 @@ def _marks() -> redis.Redis:
 
 @functools.cache
 def _marks_client(pid: int) -> redis.Redis:
-    return redis.Redis.from_url(
-        get_settings().redis_url,
-        socket_timeout=ENQUEUE_SOCKET_TIMEOUT_SECONDS,
-        socket_connect_timeout=ENQUEUE_CONNECT_TIMEOUT_SECONDS,
-        retry=Retry(NoBackoff(), ENQUEUE_RETRIES),
-        health_check_interval=0,
-        single_connection_client=True,
-    )
+    return _one_connection_client(get_settings().redis_url)
 
 
 def _enqueue(
@@ -269,6 +262,11 @@ def _redis_list_client(pid: int) -> redis.Redis | None:
     url = app.conf.broker_url
     if urlsplit(url).scheme not in ("redis", "rediss") or options.get("global_keyprefix"):
         return None
+    return _one_connection_client(url)
+
+
+def _one_connection_client(url: str) -> redis.Redis:
+    """A client on one connection, bounded in time as an enqueue must be (above)."""
     return redis.Redis.from_url(
         url,
         socket_timeout=ENQUEUE_SOCKET_TIMEOUT_SECONDS,
