@@ -12,6 +12,7 @@ import json
 import os
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -20,7 +21,9 @@ from kombu import Connection
 
 from shared.adapters.celery_app import (
     APPLY_STRIPE_EVENT_TASK,
+    CLIENTS_PER_PROCESS,
     DELIVER_WEBHOOK_TASK,
+    ENQUEUE_CLIENT_NAME,
     PROCESS_REFUND_TASK,
     RECONCILE_QUEUE,
     RECONCILE_TASK,
@@ -28,7 +31,7 @@ from shared.adapters.celery_app import (
     STRIPE_EVENTS_QUEUE,
     WEBHOOKS_QUEUE,
     _push_to_redis_list,
-    _redis_list_client,
+    _redis_list_clients,
     enqueue_refund,
     get_celery,
 )
@@ -86,7 +89,7 @@ def test_the_message_is_the_one_send_task_sends(
     """Headers decide how a worker runs the task (e.g. ``ignore_result``: False would
     make workers store every result), so they must be what ``send_task`` sends."""
     client, queue = broker
-    assert _redis_list_client(os.getpid()) is not None  # the tests' broker is Redis
+    assert _redis_list_clients(os.getpid()) is not None  # the tests' broker is Redis
     get_celery().send_task(PROCESS_REFUND_TASK, args=["rf_test"], queue=queue)
     by_celery = _pop(client, queue)
     monkeypatch.setattr("shared.adapters.celery_app.REFUNDS_QUEUE", queue)
@@ -116,3 +119,21 @@ def test_reconcile_passes_have_a_queue_of_their_own_that_every_worker_reads() ->
         REFUNDS_QUEUE, RECONCILE_QUEUE, STRIPE_EVENTS_QUEUE, WEBHOOKS_QUEUE
     }
     assert app.amqp.router.route({}, DELIVER_WEBHOOK_TASK)["queue"].name == WEBHOOKS_QUEUE
+
+
+def test_many_callers_at_once_share_a_few_connections(
+    broker: tuple[redis.Redis, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A web process enqueues from as many requests as it serves at once: every message
+    arrives whole, on at most ``CLIENTS_PER_PROCESS`` connections to the broker."""
+    client, queue = broker
+    monkeypatch.setattr("shared.adapters.celery_app.REFUNDS_QUEUE", queue)
+    ids = [f"rf_many_{i}" for i in range(320)]
+    with ThreadPoolExecutor(32) as pool:
+        assert all(pool.map(enqueue_refund, ids))
+
+    pushed = [json.loads(raw) for raw in client.lrange(queue, 0, -1)]
+    assert sorted(json.loads(base64.b64decode(m["body"]))[0][0] for m in pushed) == sorted(ids)
+    ours = [c for c in client.client_list()
+            if c["name"] == f"{ENQUEUE_CLIENT_NAME}-{os.getpid()}"]
+    assert 1 <= len(ours) <= CLIENTS_PER_PROCESS
