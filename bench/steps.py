@@ -1,4 +1,5 @@
-"""CPU per step of ``POST /v1/admin/refunds``: ``python -m bench.steps``.
+"""CPU per step of ``POST /v1/admin/refunds`` and of a Stripe refund event's
+``POST /v1/webhooks/stripe``: ``python -m bench.steps``.
 
 What ``make bench``'s ``cpu_ms_per_request.web`` is made of, step by step, measured in
 one process and one thread (no HTTP server, no other request competing for the GIL):
@@ -11,6 +12,8 @@ server's share (and the cost of threads sharing a GIL). Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -85,11 +88,11 @@ def measure(count: int, db: Database, redis_url: str, work: Path) -> int:
     from api.schemas import RefundCreate
     from api.wsgi import app
     from shared.adapters import metrics
-    from shared.adapters.celery_app import enqueue_refund
+    from shared.adapters.celery_app import enqueue_refund, enqueue_stripe_event
     from shared.adapters.config import get_settings
-    from shared.adapters.db import get_web_pool
+    from shared.adapters.db import get_web_pool, get_webhook_pool
     from shared.adapters.tokens import issue_token
-    from shared.services import refunds
+    from shared.services import refunds, stripe_events
     from shared.services.idempotency import request_fingerprint
 
     settings = get_settings()
@@ -113,6 +116,41 @@ def measure(count: int, db: Database, redis_url: str, work: Path) -> int:
                 request=refunds.RefundRequest(f"ch_{record_payments + i}", 100, None),
                 initiated_by="steps@example.com", idempotency_key=None, fingerprint="")
 
+    # Stripe's refund events as a burst brings them: four about each refund, each
+    # signed; every step gets events of its own (a stored event is not stored again).
+    types = ("refund.created", "refund.updated", "charge.refund.updated", "refund.updated")
+
+    def signed_event(step: str, i: int) -> tuple[bytes, str, dict[str, Any]]:
+        event = {"id": f"evt_{step}_{i:08d}", "object": "event", "type": types[i % 4],
+                 "created": int(time.time()),
+                 "data": {"object": {"id": f"re_{step}_{i // 4:08d}", "object": "refund"}}}
+        payload = json.dumps(event).encode()
+        stamp = str(int(time.time()))
+        mac = hmac.new(settings.stripe_webhook_secret.encode(), f"{stamp}.".encode() + payload,
+                       hashlib.sha256).hexdigest()
+        return payload, f"t={stamp},v1={mac}", event
+
+    def webhook(i: int) -> None:
+        payload, signature, _ = signed_event("whole", i)
+        answer = client.post("/v1/webhooks/stripe", data=payload,
+                             headers={"Stripe-Signature": signature,
+                                      "Content-Type": "application/json"})
+        assert answer.status_code == 200, answer.data
+
+    # Made beforehand: signing is the sender's work, not a step of the webhook's.
+    verify_samples = [signed_event("verify", i)[:2] for i in range(count + 1)]
+    store_samples = [signed_event("store", i)[2] for i in range(count + 1)]
+    mark_samples = [signed_event("mark", i)[2] for i in range(count + 1)]
+    secret = settings.stripe_webhook_secret
+
+    def store(i: int) -> None:
+        with get_webhook_pool().connection() as connection:
+            stripe_events.store_event(connection, store_samples[i])
+
+    def mark_and_enqueue(i: int) -> None:
+        event = mark_samples[i]
+        enqueue_stripe_event(event["id"], coalesce=stripe_events.coalescing_key(event))
+
     steps: dict[str, Callable[[int], object]] = {
         "whole POST through Flask's test client": post,
         "GET /healthz through Flask's test client": lambda i: client.get("/healthz"),
@@ -132,6 +170,17 @@ def measure(count: int, db: Database, redis_url: str, work: Path) -> int:
             metrics.observe_http_request(method="POST", route="/v1/admin/refunds",
                                          status=201, seconds=0.003),
             metrics.observe_refund_initiation("created")),
+        "webhook: whole refund event through Flask's test client": webhook,
+        "webhook: signature and JSON (verify_event)": lambda i: stripe_events.verify_event(
+            *verify_samples[i], secret),
+        "webhook: pool checkout + store_event() (one statement)": store,
+        "webhook: coalescing mark (SET NX), a task for 1 event in 4": mark_and_enqueue,
+        "webhook: access log line": lambda i: access.info(
+            "%s %s %s", "POST", "/v1/webhooks/stripe", 200, extra={
+                "method": "POST", "route": "/v1/webhooks/stripe", "path": "/v1/webhooks/stripe",
+                "status": 200, "duration_ms": 3.2, "caller": None,
+                "stripe_event": f"evt_log_{i:08d}", "event_type": "refund.updated",
+                "outcome": "deferred"}),
     }
     result: dict[str, Any] = {
         "requests": count,
@@ -139,6 +188,7 @@ def measure(count: int, db: Database, redis_url: str, work: Path) -> int:
         "cpu_us": {name: per_call_us(step, count) for name, step in steps.items()},
     }
     get_web_pool().close()
+    get_webhook_pool().close()
     json.dump(result, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0
