@@ -27,7 +27,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from shared.adapters.db import unit_of_work
+from shared.adapters.db import driver_cursor, unit_of_work
 from shared.adapters.stripe_gateway import (
     GATEWAY_ERRORS,
     ErrorKind,
@@ -309,7 +309,10 @@ def ensure_charges(session: Session, charge_ids: Iterable[str], *, gateway: Stri
     ids = set(charge_ids)
     if not ids:
         return
-    have = set(session.scalars(select(Charge.id).where(Charge.id.in_(ids))))
+    # Plain SQL: through the ORM this check was 9 % of a worker's CPU while it applied a
+    # burst of Stripe's refund events, one charge each (make bench, py-spy).
+    have = {row.id for row in driver_cursor(session).execute(
+        "SELECT id FROM charges WHERE id = ANY(%s)", (list(ids),))}
     unknown = sorted(ids - have)
     if unknown:
         fetched = [as_dict(gateway.retrieve_charge(c)) for c in unknown]

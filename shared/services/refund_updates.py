@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
+from shared.adapters.db import driver_cursor
 from shared.domain.models import Charge, Payment, Refund, RefundStatus, new_id
 from shared.domain.stripe_objects import as_dict, id_of
 from shared.services.transitions import record_event, transition
@@ -57,9 +58,9 @@ def apply_stripe_refund(session: Session, stripe_refund: Any, *, actor: str) -> 
     stripe_id = str(data["id"])
     ours_id = (data.get("metadata") or {}).get("refund_id")
 
-    refund = _load(session, Refund.id == ours_id) if ours_id else None
+    refund = _load(session, _BY_ID, ours_id) if ours_id else None
     if refund is None:
-        refund = _load(session, Refund.stripe_refund_id == stripe_id)
+        refund = _load(session, _BY_STRIPE_ID, stripe_id)
     elif refund.stripe_refund_id not in (None, stripe_id):
         # Two Stripe refunds carry our refund id: money went out twice. Record the second
         # one so what is left stays true, and shout: a person has to look at it.
@@ -68,14 +69,14 @@ def apply_stripe_refund(session: Session, stripe_refund: Any, *, actor: str) -> 
             extra={"refund_id": refund.id, "stripe_refund_id": stripe_id,
                    "first_stripe_refund_id": refund.stripe_refund_id},
         )
-        refund = _load(session, Refund.stripe_refund_id == stripe_id)
+        refund = _load(session, _BY_STRIPE_ID, stripe_id)
     if refund is None:
         return _record_external(session, data, actor=actor)
     _move(session, refund, data, actor=actor)
     return refund.id
 
 
-def _move(session: Session, refund: Refund, data: Mapping[str, Any], *, actor: str) -> None:
+def _move(session: Session, refund: _Current, data: Mapping[str, Any], *, actor: str) -> None:
     stripe_id = str(data["id"])
     stripe_status = str(data.get("status"))
     if refund.stripe_refund_id is None:
@@ -148,7 +149,7 @@ def _record_external(session: Session, data: Mapping[str, Any], *, actor: str) -
     )
     if inserted is None:
         # Recorded a moment ago by a concurrent call: update that row instead.
-        existing = _load(session, Refund.stripe_refund_id == stripe_id)
+        existing = _load(session, _BY_STRIPE_ID, stripe_id)
         if existing is None:
             return None
         _move(session, existing, data, actor=actor)
@@ -168,11 +169,27 @@ def _record_external(session: Session, data: Mapping[str, Any], *, actor: str) -
     return refund_id
 
 
-def _load(session: Session, condition: Any) -> Refund | None:
-    # Read the row as it is now, not as this session last saw it.
-    return session.scalar(
-        select(Refund).where(condition).execution_options(populate_existing=True)
-    )
+class _Current(NamedTuple):
+    """What bringing a refund up to date needs of its row."""
+
+    id: str
+    stripe_refund_id: str | None
+    amount: int
+    status: str
+
+
+_BY_ID = "SELECT id, stripe_refund_id, amount, status FROM refunds WHERE id = %s"
+_BY_STRIPE_ID = (
+    "SELECT id, stripe_refund_id, amount, status FROM refunds WHERE stripe_refund_id = %s"
+)
+
+
+def _load(session: Session, query: str, value: str) -> _Current | None:
+    """The row as it is now, in the session's transaction. Plain SQL: loading the ORM
+    entity was 7 % of a worker's CPU while it applied a burst of Stripe's refund events
+    (make bench, py-spy), and only these four columns are read."""
+    row = driver_cursor(session).execute(query, (value,)).fetchone()
+    return None if row is None else _Current(*row)
 
 
 def failure_text(data: Mapping[str, Any]) -> str:
