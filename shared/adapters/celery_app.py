@@ -250,7 +250,8 @@ def _enqueue(
 ENQUEUE_SOCKET_TIMEOUT_SECONDS = 1.0
 ENQUEUE_CONNECT_TIMEOUT_SECONDS = 1.0
 ENQUEUE_RETRIES = 1
-#: How these connections show in Redis' CLIENT LIST, followed by the process id.
+#: How these connections (the enqueue's and the coalescing marks') show in Redis'
+#: CLIENT LIST, followed by the process id.
 ENQUEUE_CLIENT_NAME = "refunds-enqueue"
 
 
