@@ -12,8 +12,8 @@ import psycopg
 from gevent.monkey import get_original
 from psycopg.rows import namedtuple_row
 from psycopg_pool import ConnectionPool
-from sqlalchemy import Engine, create_engine
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import InterfaceError, InvalidatePoolError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.adapters.config import get_settings
@@ -46,13 +46,25 @@ def size_pools_for_web() -> None:
 
 @functools.cache
 def get_engine() -> Engine:
+    """SQLAlchemy's engine (everything but the hot paths' single statements). Checked at
+    checkout as the hot paths' pools are (``_closed_while_idle``), not pinged: a ping is
+    a round trip per unit of work, two for each Stripe event a worker applies."""
     settings = get_settings()
-    return create_engine(
+    engine = create_engine(
         settings.sqlalchemy_url,
         **_engine_pool,
-        pool_pre_ping=True,
         connect_args={"options": CONNECTION_OPTIONS},
     )
+    event.listen(engine, "checkout", _replace_if_closed_while_idle)
+    return engine
+
+
+def _replace_if_closed_while_idle(dbapi_connection: Any, *_: Any) -> None:
+    # SQLAlchemy's pool replaces the connection and, as Postgres most likely restarted,
+    # every other one made before now, at its next checkout (its documented way to
+    # handle disconnects pessimistically without a ping).
+    if _closed_while_idle(dbapi_connection):
+        raise InvalidatePoolError("the connection was closed while idle")
 
 
 #: A statement that waits this long on a lock is a bug or an outage, not load.
@@ -132,11 +144,17 @@ def get_webhook_pool() -> ConnectionPool[psycopg.Connection[Any]]:
 _system_poll = get_original("select", "poll")
 
 
-def _nothing_to_read(connection: psycopg.Connection[Any]) -> None:
-    """The check at checkout: an idle connection has nothing to read (see above)."""
+def _closed_while_idle(connection: psycopg.Connection[Any]) -> bool:
+    """An idle connection has nothing to read; one that does was closed by Postgres (its
+    end, or its last words before it)."""
     poller = _system_poll()
     poller.register(connection.fileno(), select.POLLIN)
-    if poller.poll(0):
+    return bool(poller.poll(0))
+
+
+def _nothing_to_read(connection: psycopg.Connection[Any]) -> None:
+    """The hot paths' check at checkout (see ``get_web_pool``)."""
+    if _closed_while_idle(connection):
         connection.close()  # so that the pool replaces it rather than keep it
         raise psycopg.OperationalError("the connection was closed while idle")
 
