@@ -14,7 +14,7 @@ from shared.adapters.config import get_settings
 
 def create_app() -> Flask:
     settings = get_settings()
-    db.size_pools_for_web()
+    db.bound_engine_pool(settings.web_db_connections)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]

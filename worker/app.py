@@ -32,9 +32,11 @@ install_observability(app)  # JSON logs and metrics through Celery signals
 def _build_shared_clients(**_: Any) -> None:
     # Build the process-wide engine, pool and Stripe client once, before the thread pool
     # starts, so no two threads race to create them.
-    from shared.adapters.db import get_engine, get_pool
+    from shared.adapters.config import get_settings
+    from shared.adapters.db import bound_engine_pool, get_engine, get_pool
     from shared.adapters.stripe_gateway import get_gateway
 
+    bound_engine_pool(get_settings().worker_db_connections)
     get_engine()
     get_pool()
     get_gateway()

@@ -7,6 +7,7 @@ from typing import Any
 import psycopg
 from celery import Task
 from psycopg_pool import PoolTimeout
+from sqlalchemy.exc import TimeoutError as EnginePoolTimeout
 
 from shared.adapters.celery_app import (
     APPLY_STRIPE_EVENT_TASK,
@@ -21,9 +22,10 @@ from shared.services.reconcile import reconcile_once
 
 app = get_celery()
 
-#: Postgres unreachable or its connection lost: the refund stays as it was committed,
-#: and the task comes back after a pause (the reconciler would find it too).
-DATABASE_ERRORS = (psycopg.OperationalError, PoolTimeout)
+#: Postgres unreachable, its connection lost, or every connection of a pool busy past the
+#: pool's timeout: the refund stays as it was committed, and the task comes back after a
+#: pause (the reconciler would find it too).
+DATABASE_ERRORS = (psycopg.OperationalError, PoolTimeout, EnginePoolTimeout)
 
 
 # Retries are bounded by processing (MAX_ATTEMPTS), which also records the hand-over
