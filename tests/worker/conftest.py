@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -93,6 +94,17 @@ class Stack:
         self._extra.append(proc)
         return proc
 
+    def own_redis(self) -> str:
+        """Start a redis-server of the test's own (stopped with its other processes, after
+        the workers using it); its URL."""
+        port = free_port()
+        self.process("redis", ["redis-server", "--port", str(port), "--save", "",
+                               "--appendonly", "no", "--bind", "127.0.0.1"]).start()
+        url = f"redis://127.0.0.1:{port}/0"
+        wait_for(lambda: _pings(redis.Redis.from_url(url)), timeout=10,
+                 what="redis-server to start")
+        return url
+
     def stop_extra(self) -> None:
         # All at once, but workers are waited for before the redis-server they use.
         _stop_all(list(reversed(self._extra)))
@@ -134,6 +146,13 @@ def stack(service_env: dict[str, str], log_dir: Path) -> Iterator[Stack]:
     finally:
         _clear_caches()
         _admin_execute(f'DROP DATABASE IF EXISTS "refunds_test_{RUN_ID}_worker" WITH (FORCE)')
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
 
 
 def _stop_all(procs: list[ServiceProcess]) -> None:

@@ -4,11 +4,9 @@ together, wait for one of ``WORKER_DB_CONNECTIONS`` instead of each opening its 
 
 from __future__ import annotations
 
-import json
 import time
 
 import psycopg
-import redis
 from celery import Celery
 from sqlalchemy.orm import Session
 
@@ -19,12 +17,11 @@ from shared.adapters.celery_app import (
 )
 from shared.adapters.config import get_settings
 from shared.services import stripe_events
-from tests.support import free_port, worker_process
+from tests.support import worker_process
 from tests.worker.conftest import (
     Stack,
     initiate,
     seed_payments,
-    wait_for,
     wait_for_statuses,
 )
 
@@ -44,11 +41,7 @@ def test_threads_applying_stripe_events_share_a_bounded_set_of_connections(
 
     # A worker of its own (its own Redis, its own name in pg_stat_activity), Stripe slow
     # enough that all its threads wait on it at once and hear back together.
-    port = free_port()
-    stack.process("redis", ["redis-server", "--port", str(port), "--save", "",
-                            "--appendonly", "no", "--bind", "127.0.0.1"]).start()
-    broker = f"redis://127.0.0.1:{port}/0"
-    wait_for(lambda: _pings(redis.Redis.from_url(broker)), timeout=10, what="redis-server")
+    broker = stack.own_redis()
     env = {**stack.env, "REDIS_URL": broker, "WORKER_DB_CONNECTIONS": str(BOUND),
            "PGAPPNAME": APPLICATION_NAME}
     argv = worker_process(env, stack.log_dir, name="worker-bounded", concurrency=THREADS).argv
@@ -63,8 +56,7 @@ def test_threads_applying_stripe_events_share_a_bounded_set_of_connections(
     ]
     with psycopg.connect(get_settings().libpq_url, autocommit=True) as connection:
         for event in events:
-            assert stripe_events.store_event(connection, json.loads(json.dumps(event))) == (
-                "deferred")
+            assert stripe_events.store_event(connection, event) == "deferred"
     sender = Celery("tests", broker=broker)
     try:
         for event in events:
@@ -92,10 +84,3 @@ def test_threads_applying_stripe_events_share_a_bounded_set_of_connections(
     # SQLAlchemy's pool and the claim-and-record pool, each bounded, and the events-out
     # dispatcher's two.
     assert 0 < peak <= 2 * BOUND + 2, peak
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False

@@ -23,7 +23,7 @@ from shared.domain.models import RefundStatus
 from shared.services.processing import Outcome, process_refund
 from shared.services.refunds import stripe_idempotency_key
 from shared.services.transitions import transition
-from tests.support import BIN, free_port
+from tests.support import BIN
 from tests.worker.conftest import (
     FAST_SETTINGS,
     Stack,
@@ -173,13 +173,8 @@ def test_worker_sigkilled_mid_stripe_call_is_recovered_and_refund_sent_once(
 def test_refunds_queued_in_a_flushed_redis_are_recovered_by_beat(
     stack: Stack, db: Session
 ) -> None:
-    port = free_port()
-    server = stack.process("redis", ["redis-server", "--port", str(port), "--save", "",
-                                     "--appendonly", "no", "--bind", "127.0.0.1"])
-    server.start()
-    broker = f"redis://127.0.0.1:{port}/0"
+    broker = stack.own_redis()
     own = redis.Redis.from_url(broker)
-    wait_for(lambda: _pings(own), timeout=10, what="redis-server to start")
     env = {**stack.env, "REDIS_URL": broker}
     ids = _refunds(stack, db, 5, enqueue=False)
     for refund_id in ids:
@@ -198,13 +193,6 @@ def test_refunds_queued_in_a_flushed_redis_are_recovered_by_beat(
     assert stripe_refunds_per_id(stack, ids) == {i: 1 for i in ids}
     # Stuck after STUCK_AFTER, re-enqueued by one of the next two passes (plus start-up).
     assert recovered_in < STUCK_AFTER + 2 * INTERVAL + 6, recovered_in
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
 
 
 def test_same_task_delivered_twice_at_once_sends_one_refund(stack: Stack, db: Session) -> None:

@@ -7,10 +7,9 @@ import subprocess
 import sys
 import uuid
 
-import redis
 from sqlalchemy.orm import Session
 
-from tests.support import ROOT, free_port
+from tests.support import ROOT
 from tests.worker.conftest import (
     Stack,
     initiate,
@@ -60,11 +59,7 @@ def test_processes_sharing_the_bucket_together_stay_under_the_rate(
 
 
 def test_two_workers_sharing_the_limit_never_meet_stripes_429(stack: Stack, db: Session) -> None:
-    port = free_port()
-    stack.process("redis", ["redis-server", "--port", str(port), "--save", "", "--appendonly",
-                            "no", "--bind", "127.0.0.1"]).start()
-    broker = f"redis://127.0.0.1:{port}/0"
-    wait_for(lambda: _pings(redis.Redis.from_url(broker)), timeout=10, what="redis-server")
+    broker = stack.own_redis()
     env = {**stack.env, "REDIS_URL": broker, "STRIPE_MAX_RPS": "5"}
     stack.beat.stop()  # its re-enqueues would go to the stack's own, unthrottled worker
     stack.admin.config(webhook_url=None)
@@ -81,9 +76,3 @@ def test_two_workers_sharing_the_limit_never_meet_stripes_429(stack: Stack, db: 
     assert stack.admin.stats()["rate_limited"] == 0
     assert stripe_refunds_per_id(stack, ids) == {i: 1 for i in ids}
 
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
