@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import select
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -89,16 +89,31 @@ def get_pool() -> ConnectionPool[psycopg.Connection[Any]]:
 def _autocommit_pool(
     name: str, max_size: int, timeout: float, *,
     application_name: str | None = None,
-    check: Callable[[psycopg.Connection[Any]], None] | None = None,
+    check_at_checkout: bool = False,
 ) -> ConnectionPool[psycopg.Connection[Any]]:
     """A psycopg pool of autocommit connections with the service's session settings,
-    opened in the background (a process starts even while Postgres is away)."""
+    opened in the background (a process starts even while Postgres is away).
+
+    ``check_at_checkout``: a connection Postgres closed while it sat idle is replaced
+    before it is used (see ``get_web_pool``)."""
     kwargs: dict[str, Any] = {"autocommit": True, "options": CONNECTION_OPTIONS}
     if application_name is not None:
         kwargs["application_name"] = application_name
+
+    def nothing_to_read(connection: psycopg.Connection[Any]) -> None:
+        if _closed_while_idle(connection):
+            connection.close()  # so that the pool replaces it rather than keep it
+            # Postgres most likely restarted and closed the pool's other idle connections
+            # too: test them now. Otherwise the checkout would find them dead one by one,
+            # waiting psycopg_pool's back-off after each (1, 2, 4 s: past the web's 5 s,
+            # a 503 after a restart); now it waits one back-off and gets a new one.
+            pool.check()
+            raise psycopg.OperationalError("the connection was closed while idle")
+
     pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
         get_settings().libpq_url, min_size=1, max_size=max_size, kwargs=kwargs,
-        timeout=timeout, check=check, name=name, open=False,
+        timeout=timeout, check=nothing_to_read if check_at_checkout else None, name=name,
+        open=False,
     )
     pool.open(wait=False)
     return pool
@@ -125,7 +140,7 @@ def get_web_pool() -> ConnectionPool[psycopg.Connection[Any]]:
     # answer 503 well before a caller gives up.
     return _autocommit_pool(
         "refunds-web", get_settings().web_db_connections, 5,
-        application_name=WEB_APPLICATION_NAME, check=_nothing_to_read,
+        application_name=WEB_APPLICATION_NAME, check_at_checkout=True,
     )
 
 
@@ -137,7 +152,7 @@ def get_webhook_pool() -> ConnectionPool[psycopg.Connection[Any]]:
     events queues for these, never for the connections refunds are initiated on."""
     return _autocommit_pool(
         "refunds-webhooks", get_settings().web_db_connections, 5,
-        application_name="refunds-webhooks", check=_nothing_to_read,
+        application_name="refunds-webhooks", check_at_checkout=True,
     )
 
 
@@ -154,12 +169,6 @@ def _closed_while_idle(connection: psycopg.Connection[Any]) -> bool:
     poller.register(connection.fileno(), select.POLLIN)
     return bool(poller.poll(0))
 
-
-def _nothing_to_read(connection: psycopg.Connection[Any]) -> None:
-    """The hot paths' check at checkout (see ``get_web_pool``)."""
-    if _closed_while_idle(connection):
-        connection.close()  # so that the pool replaces it rather than keep it
-        raise psycopg.OperationalError("the connection was closed while idle")
 
 
 def run_and_commit(connection: psycopg.Connection[Any], query: str, params: Any) -> Any:

@@ -115,3 +115,40 @@ def test_keep_alive_connections_spread_over_processes_and_metrics_add_up(
         r'status="404"\} (\S+)$', scraped, re.MULTILINE)
     assert counted is not None, scraped[:2000]
     assert float(counted.group(1)) == connections * requests_each
+
+
+def test_when_postgres_dropped_every_pooled_connection_a_lone_request_waits_one_back_off(
+    one_process, service_env, settings, db
+) -> None:
+    """A restart closes all of a pool's connections at once. The checkout that finds the
+    first one dead tests the others there and then, instead of finding them dead one by
+    one behind psycopg_pool's growing back-off (1, 2, 4 s: a 503 past the 5 s wait)."""
+    _, url = one_process
+    _, charge = seed_payment(db, amount=100_000)
+    headers = auth(settings)
+    body = {"charge_id": charge.id, "amount_cents": 100}
+
+    def post(_: int) -> int:
+        return httpx.post(f"{url}{REFUNDS}", json=body, headers=headers, timeout=10).status_code
+
+    # Requests on one payment at once wait on its lock, each holding a connection: the
+    # refund endpoint's pool grows to its full size.
+    with ThreadPoolExecutor(16) as pool:
+        assert set(pool.map(post, range(48))) == {201}
+    with psycopg.connect(_libpq_url(service_env), autocommit=True) as admin:
+        assert admin.execute(_POOLED).fetchone()[0] >= 3
+        admin.execute(_TERMINATE_POOLED)
+        deadline = time.monotonic() + 10
+        while admin.execute(_POOLED).fetchone()[0]:
+            assert time.monotonic() < deadline, "terminated backends still there"
+            time.sleep(0.02)
+
+    started = time.monotonic()
+    assert post(0) == 201
+    assert time.monotonic() - started < 2.5
+
+
+_POOLED = ("SELECT count(*) FROM pg_stat_activity"
+           " WHERE datname = current_database() AND application_name = 'refunds-web'")
+_TERMINATE_POOLED = ("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                     " WHERE datname = current_database() AND application_name = 'refunds-web'")
