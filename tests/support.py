@@ -223,6 +223,28 @@ def migrate(database_url: str) -> None:
     command.upgrade(cfg, "head")
 
 
+_BACKENDS_OF = ("SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name = :name")
+_TERMINATE_BACKENDS_OF = ("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                          " WHERE datname = current_database() AND application_name = :name")
+
+
+def terminate_backends(session: Session, application_name: str) -> int:
+    """Terminate this database's backends of ``application_name``, as a Postgres restart
+    would, and wait until they are gone (``pg_terminate_backend`` only signals), so that
+    the pools holding them find them dead while idle. Returns how many there were."""
+    params = {"name": application_name}
+    terminated = int(session.scalar(text(_TERMINATE_BACKENDS_OF), params) or 0)
+    session.commit()
+    deadline = time.monotonic() + 10
+    while session.scalar(text(_BACKENDS_OF), params):
+        session.commit()
+        assert time.monotonic() < deadline, "terminated backends still there"
+        time.sleep(0.02)
+    session.commit()
+    return terminated
+
+
 def create_database(name: str) -> str:
     """A new, migrated database on the run's Postgres; its URL."""
     from tests.conftest import PG_ADMIN_URL, _admin_execute

@@ -170,7 +170,6 @@ def _closed_while_idle(connection: psycopg.Connection[Any]) -> bool:
     return bool(poller.poll(0))
 
 
-
 def run_and_commit(connection: psycopg.Connection[Any], query: str, params: Any) -> Any:
     """The row of one statement that records something, on an autocommit connection.
 

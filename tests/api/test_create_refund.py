@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 
 from shared.adapters.db import WEB_APPLICATION_NAME
 from shared.domain.models import Refund, RefundEvent
 from tests.api.helpers import REFUNDS as PATH
 from tests.api.helpers import assert_error
-from tests.support import auth, seed_payment, table_counts
+from tests.support import auth, seed_payment, table_counts, terminate_backends
 
 
 def post(client: httpx.Client, settings, body, **kwargs) -> httpx.Response:
@@ -236,26 +234,10 @@ def test_pooled_connections_that_died_are_replaced_without_an_error(
     body = {"charge_id": charge.id, "amount_cents": 100}
     for _ in range(8):  # every web process and thread gets connections
         assert post(client, settings, body).status_code == 201
-    terminated = db.scalar(
-        text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-             " WHERE datname = current_database() AND application_name = :name"),
-        {"name": WEB_APPLICATION_NAME},
-    )
-    db.commit()
-    assert terminated >= 1
-    # pg_terminate_backend only signals: wait until the backends are gone, so that the
-    # connections died while idle in the pool (one dying under a statement is another
-    # case: its outcome is unknown, test_commit_outcome_unknown).
-    deadline = time.monotonic() + 10
-    while db.scalar(
-        text("SELECT count(*) FROM pg_stat_activity"
-             " WHERE datname = current_database() AND application_name = :name"),
-        {"name": WEB_APPLICATION_NAME},
-    ):
-        db.commit()
-        assert time.monotonic() < deadline, "terminated backends still there"
-        time.sleep(0.02)
-    db.commit()
+    # Gone before the next requests: the connections died while idle in the pool (one
+    # dying under a statement is another case: its outcome is unknown,
+    # test_commit_outcome_unknown).
+    assert terminate_backends(db, WEB_APPLICATION_NAME) >= 1
     answers = [post(client, settings, body) for _ in range(8)]
     assert [r.status_code for r in answers] == [201] * 8, [r.text for r in answers]
     created = db.scalar(select(func.count()).where(Refund.payment_id == payment.id))

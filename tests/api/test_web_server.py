@@ -19,8 +19,9 @@ import httpx
 import psycopg
 import pytest
 
+from shared.adapters.db import WEB_APPLICATION_NAME
 from tests.api.helpers import REFUNDS
-from tests.support import auth, seed_payment, wait_for_http, web_process
+from tests.support import auth, seed_payment, terminate_backends, wait_for_http, web_process
 
 
 @pytest.fixture
@@ -118,7 +119,7 @@ def test_keep_alive_connections_spread_over_processes_and_metrics_add_up(
 
 
 def test_when_postgres_dropped_every_pooled_connection_a_lone_request_waits_one_back_off(
-    one_process, service_env, settings, db
+    one_process, settings, db
 ) -> None:
     """A restart closes all of a pool's connections at once. The checkout that finds the
     first one dead tests the others there and then, instead of finding them dead one by
@@ -135,20 +136,8 @@ def test_when_postgres_dropped_every_pooled_connection_a_lone_request_waits_one_
     # refund endpoint's pool grows to its full size.
     with ThreadPoolExecutor(16) as pool:
         assert set(pool.map(post, range(48))) == {201}
-    with psycopg.connect(_libpq_url(service_env), autocommit=True) as admin:
-        assert admin.execute(_POOLED).fetchone()[0] >= 3
-        admin.execute(_TERMINATE_POOLED)
-        deadline = time.monotonic() + 10
-        while admin.execute(_POOLED).fetchone()[0]:
-            assert time.monotonic() < deadline, "terminated backends still there"
-            time.sleep(0.02)
+    assert terminate_backends(db, WEB_APPLICATION_NAME) >= 3
 
     started = time.monotonic()
     assert post(0) == 201
     assert time.monotonic() - started < 2.5
-
-
-_POOLED = ("SELECT count(*) FROM pg_stat_activity"
-           " WHERE datname = current_database() AND application_name = 'refunds-web'")
-_TERMINATE_POOLED = ("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                     " WHERE datname = current_database() AND application_name = 'refunds-web'")
