@@ -30,6 +30,7 @@ from shared.adapters.celery_app import (
     REFUNDS_QUEUE,
     STRIPE_EVENTS_QUEUE,
     WEBHOOKS_QUEUE,
+    _one_connection_client,
     _push_to_redis_list,
     _redis_list_clients,
     enqueue_refund,
@@ -125,9 +126,18 @@ def test_many_callers_at_once_share_a_few_connections(
     broker: tuple[redis.Redis, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A web process enqueues from as many requests as it serves at once: every message
-    arrives whole, on at most ``CLIENTS_PER_PROCESS`` connections to the broker."""
+    arrives whole, on at most ``CLIENTS_PER_PROCESS`` connections to the broker, made
+    once, even when the first callers all arrive together (a process just started)."""
     client, queue = broker
     monkeypatch.setattr("shared.adapters.celery_app.REFUNDS_QUEUE", queue)
+    made = []
+
+    def counted(url: str) -> redis.Redis:
+        made.append(url)
+        return _one_connection_client(url)
+
+    monkeypatch.setattr("shared.adapters.celery_app._one_connection_client", counted)
+    _redis_list_clients.cache_clear()  # as a process that has not enqueued yet
     ids = [f"rf_many_{i}" for i in range(320)]
     with ThreadPoolExecutor(32) as pool:
         assert all(pool.map(enqueue_refund, ids))
@@ -137,3 +147,4 @@ def test_many_callers_at_once_share_a_few_connections(
     ours = [c for c in client.client_list()
             if c["name"] == f"{ENQUEUE_CLIENT_NAME}-{os.getpid()}"]
     assert 1 <= len(ours) <= CLIENTS_PER_PROCESS
+    assert 1 <= len(made) <= CLIENTS_PER_PROCESS

@@ -287,14 +287,23 @@ class _Clients:
     p99 61-75 ms against 86-100 in paired runs."""
 
     def __init__(self, url: str, size: int = CLIENTS_PER_PROCESS) -> None:
-        self._idle: LifoQueue[redis.Redis] = LifoQueue()
+        self._url = url
+        # Each slot's client is made, and connected, by the first caller to take it: a
+        # client on one connection connects as it is made, and made here, under gevent,
+        # every greenlet arriving during those connects made a set of its own (the
+        # functools.cache above does not wait for a first call in progress). The first
+        # refund events after a start queued behind some 60 connects: 50-130 ms (make
+        # bench, the webhook burst's first 100 ms).
+        self._idle: LifoQueue[redis.Redis | None] = LifoQueue()
         for _ in range(size):
-            self._idle.put(_one_connection_client(url))  # connects on first use
+            self._idle.put(None)
 
     @contextlib.contextmanager
     def client(self) -> Iterator[redis.Redis]:
         client = self._idle.get()
         try:
+            if client is None:
+                client = _one_connection_client(self._url)
             yield client
         finally:
             self._idle.put(client)
