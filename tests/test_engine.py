@@ -1,16 +1,19 @@
 """SQLAlchemy's engine (every unit of work but the hot paths' single statements): no
 ping before each use, and still a connection Postgres closed while it sat in the pool (a
-restart, a failover, an idle timeout) is replaced at checkout, not used."""
+restart, a failover, an idle timeout) is replaced at checkout, not used. And the hot
+paths' pools: one a process, however many callers arrive at once."""
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 from sqlalchemy import text
 
 from shared.adapters.config import get_settings
-from shared.adapters.db import get_engine
+from shared.adapters.db import get_engine, get_webhook_pool
 
 
 def test_a_connection_closed_while_idle_is_replaced_at_checkout(service_env) -> None:
@@ -28,3 +31,21 @@ def test_a_connection_closed_while_idle_is_replaced_at_checkout(service_env) -> 
     with engine.connect() as connection:
         replacement = connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
     assert replacement != closed
+
+
+def test_callers_arriving_together_at_a_new_process_share_one_pool(service_env) -> None:
+    get_webhook_pool.cache_clear()  # as a web process that has not served a webhook yet
+    callers = 16
+    together = threading.Barrier(callers)
+
+    def first_use(_: int) -> object:
+        together.wait()
+        return get_webhook_pool()
+
+    with ThreadPoolExecutor(callers) as threads:
+        pools = list(threads.map(first_use, range(callers)))
+    made = {id(pool): pool for pool in pools}
+    for pool in made.values():
+        pool.close()
+    get_webhook_pool.cache_clear()
+    assert len(made) == 1, f"{len(made)} pools, each holding a connection"

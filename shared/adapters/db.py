@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import functools
 import select
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from gevent.monkey import get_original
@@ -73,8 +74,32 @@ def _replace_if_closed_while_idle(dbapi_connection: Any, *_: Any) -> None:
 #: A statement that waits this long on a lock is a bug or an outage, not load.
 CONNECTION_OPTIONS = "-c timezone=UTC -c lock_timeout=10000 -c statement_timeout=30000"
 
+_T = TypeVar("_T")
 
-@functools.cache
+
+def _made_once(make: Callable[[], _T]) -> Callable[[], _T]:
+    """``functools.cache`` for a pool, whose first callers arrive together: the first one
+    makes it and the others wait for it. With ``functools.cache`` alone, every caller
+    arriving while the first was still in ``make`` made a pool of its own: opening one
+    starts its threads, which lets other threads (greenlets under gevent) in, and 16
+    requests reaching a new web process at once made 16 pools, each keeping a Postgres
+    connection for the life of the process (``tests/test_engine.py``)."""
+    cached = functools.cache(make)
+    lock = threading.Lock()
+
+    @functools.wraps(make)
+    def get() -> _T:
+        if not cached.cache_info().currsize:
+            with lock:
+                return cached()
+        return cached()
+
+    get.cache_info = cached.cache_info  # type: ignore[attr-defined]
+    get.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
+    return get
+
+
+@_made_once
 def get_pool() -> ConnectionPool[psycopg.Connection[Any]]:
     """Autocommit connections for one-statement units of work (the worker's claim and
     record), handed back as soon as the statement is done, so that a process holds a
@@ -123,7 +148,7 @@ def _autocommit_pool(
 WEB_APPLICATION_NAME = "refunds-web"
 
 
-@functools.cache
+@_made_once
 def get_web_pool() -> ConnectionPool[psycopg.Connection[Any]]:
     """Autocommit connections for the API's hot path (``POST /v1/admin/refunds``: one
     statement, ``run_and_commit``), ``WEB_DB_CONNECTIONS`` of them; requests beyond
@@ -144,7 +169,7 @@ def get_web_pool() -> ConnectionPool[psycopg.Connection[Any]]:
     )
 
 
-@functools.cache
+@_made_once
 def get_webhook_pool() -> ConnectionPool[psycopg.Connection[Any]]:
     """Autocommit connections for ``POST /v1/webhooks/stripe``'s one statement (storing
     an event that a worker applies: most of a refund burst), ``WEB_DB_CONNECTIONS`` of
