@@ -5,7 +5,8 @@ Where the numbers come from:
 - Worker task results, refund outcomes, reconcile actions: Celery signals in
   ``worker/observability.py`` (task return values are read there, see below).
 - Stripe call latency: ``stripe_gateway.StripeHttpClient``, the HTTP client of the one
-  Stripe adapter, times every request.
+  Stripe adapter, times every request; the wait for the shared Stripe budget before it,
+  and refusals: ``rate_limit.StripeRateLimiter``.
 - Refunds by status, the age of the oldest non-terminal refund and the stuck count
   (``shared.domain.stuck``): ``shared.services.refund_gauges`` queries Postgres at scrape time
   (indexed, 2 s cap).
@@ -93,6 +94,17 @@ STRIPE_LATENCY = Histogram(
     ["method", "endpoint", "status"],
     buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
 )
+STRIPE_BUDGET_WAIT = Histogram(
+    "refunds_stripe_budget_wait_seconds",
+    "How long a Stripe request waited for the shared budget (STRIPE_MAX_RPS) before it "
+    "was sent.",
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
+)
+STRIPE_BUDGET_REFUSALS = Counter(
+    "refunds_stripe_budget_refusals_total",
+    "Stripe requests not sent because the shared budget was spent for longer than a "
+    "caller waits; the refund is retried later, and this is not an attempt.",
+)
 
 
 # --------------------------------------------------------------------------- observe_*
@@ -148,6 +160,16 @@ def stripe_endpoint(url: str) -> str:
 
 def observe_stripe_call(*, method: str, endpoint: str, status: int | str, seconds: float) -> None:
     STRIPE_LATENCY.labels(method.upper(), endpoint, str(status)).observe(seconds)
+
+
+def observe_stripe_budget(*, waited: float | None) -> None:
+    """A Stripe request took a turn of the shared budget after ``waited`` seconds, or was
+    refused one (``None``). Kept apart from ``refunds_stripe_request_duration_seconds``,
+    which times Stripe alone: together they tell a slow Stripe from a spent budget."""
+    if waited is None:
+        STRIPE_BUDGET_REFUSALS.inc()
+    else:
+        STRIPE_BUDGET_WAIT.observe(waited)
 
 
 # --------------------------------------------------------------------------- exposition

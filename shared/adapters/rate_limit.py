@@ -17,6 +17,7 @@ import redis
 import stripe
 
 from shared.adapters.config import get_settings
+from shared.adapters.metrics import observe_stripe_budget
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,9 @@ class StripeRateLimiter:
             log.warning("Stripe rate limiter unavailable; sending without it", exc_info=True)
             return
         if wait_us < 0:
+            observe_stripe_budget(waited=None)
             raise RateLimited(retry_after=1.0 / self._rate + self._max_wait)
+        observe_stripe_budget(waited=wait_us / 1e6)
         if wait_us:
             time.sleep(wait_us / 1e6)
 

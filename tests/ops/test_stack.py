@@ -262,6 +262,7 @@ def test_metrics_show_the_refund_from_web_and_worker(stack: Stack) -> None:
         >= 1
     )
     assert _sample(worker, "refunds_processed_total") >= 1
+    assert _sample(worker, "refunds_stripe_budget_wait_seconds_count") >= 1
 
 
 def test_metrics_add_up_every_gunicorn_worker_process(stack: Stack, settings: Settings) -> None:

@@ -7,8 +7,12 @@ import subprocess
 import sys
 import uuid
 
+import pytest
+import redis
+from prometheus_client import REGISTRY
 from sqlalchemy.orm import Session
 
+from shared.adapters.rate_limit import RateLimited, StripeRateLimiter
 from tests.support import ROOT
 from tests.worker.conftest import (
     Stack,
@@ -56,6 +60,26 @@ def test_processes_sharing_the_bucket_together_stay_under_the_rate(
     assert span >= (len(stamps) - 1) / rate - 0.1, span
     # No burst: no second holds more than a second's worth (and one for the edge).
     assert max(sum(1 for t in stamps if s <= t < s + 1) for s in stamps) <= rate + 1
+
+
+def test_waits_and_refusals_are_counted(service_env: dict[str, str]) -> None:
+    """An operator tells a spent budget from a slow Stripe by these two series."""
+
+    def sample(name: str) -> float:
+        return REGISTRY.get_sample_value(name) or 0.0
+
+    waits, refusals = (sample("refunds_stripe_budget_wait_seconds_count"),
+                       sample("refunds_stripe_budget_refusals_total"))
+    key = f"tests:rate-limit:{uuid.uuid4().hex}"
+    one_a_minute = StripeRateLimiter(
+        redis.Redis.from_url(service_env["REDIS_URL"]), rate=1 / 60, key=key, max_wait=1
+    )
+    one_a_minute.acquire()  # the bucket's one token
+    with pytest.raises(RateLimited):
+        one_a_minute.acquire()  # the next is a minute away: past max_wait
+
+    assert sample("refunds_stripe_budget_wait_seconds_count") == waits + 1
+    assert sample("refunds_stripe_budget_refusals_total") == refusals + 1
 
 
 def test_two_workers_sharing_the_limit_never_meet_stripes_429(stack: Stack, db: Session) -> None:
