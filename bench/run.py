@@ -926,21 +926,25 @@ class Bench:
         events_file = self.write_lines(f"{name}-events.txt", events)
         self.loadgen(alone_file, c.burst_refund_connections, duration=c.warmup_seconds + 1,
                      rate=rate)
+        # Metered, both: the CPU each process kind and the machine used says how much of
+        # the two cores the burst left to initiation.
         alone = self.loadgen(alone_file, c.burst_refund_connections, duration=c.seconds,
-                             rate=rate)
+                             rate=rate, meter=True)
         with ThreadPoolExecutor(1) as pool:
             burst = pool.submit(self.loadgen, alone_file, c.webhook_connections,
                                 requests=c.webhook_events, rate=c.webhook_rate,
                                 webhook_events=events_file)
             time.sleep(0.5)
             during = self.loadgen(during_file, c.burst_refund_connections,
-                                  duration=c.seconds, rate=rate)
+                                  duration=c.seconds, rate=rate, meter=True)
             webhooks = burst.result()
         ratio = (during["latency_ms"]["p99"] / alone["latency_ms"]["p99"]
                  if alone["latency_ms"]["p99"] else 0.0)
         log(f"{name}: webhook p99 {webhooks['latency_ms']['p99']} ms,"
             f" errors {webhooks['errors']}; initiation p99 {alone['latency_ms']['p99']} ->"
-            f" {during['latency_ms']['p99']} ms")
+            f" {during['latency_ms']['p99']} ms; machine"
+            f" {alone.get('cpu_cores', {}).get('machine')} ->"
+            f" {during.get('cpu_cores', {}).get('machine')} cores busy")
         return {
             "events": c.webhook_events,
             "event_rate_per_s": c.webhook_rate,

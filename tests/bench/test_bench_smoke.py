@@ -118,4 +118,7 @@ def test_bench_prints_every_figure_and_no_request_fails(tmp_path: Path) -> None:
         assert burst["webhooks"]["ok"] == 100 and burst["webhooks"]["errors"] == 0
         assert burst["initiation_during_burst"]["errors"] == 0
         assert burst["initiation_p99_ratio"] > 0
+        for run in ("initiation_alone", "initiation_during_burst"):  # the cores each left
+            assert burst[run]["cpu_cores"]["machine"] > 0
+            assert burst[run]["cpu_cores"]["web"] > 0
     assert printed["webhook_burst"]["initiation_rate_per_s"] == 100
