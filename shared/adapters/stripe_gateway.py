@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import enum
 import functools
+import io
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+import pycurl
 import stripe
 import urllib3
 
@@ -116,61 +119,133 @@ def _retry_after(exc: stripe.StripeError) -> float | None:
 
 
 class StripeHttpClient(stripe.HTTPClient):
-    """The SDK's HTTP client on urllib3's connection pool, timing every request.
+    """The SDK's HTTP client on libcurl (pycurl), one handle per thread, timing every
+    request.
 
     The SDK's default (requests) spent more CPU per call than the rest of a worker's
-    refund (make bench, BENCH_PROFILE=1): sessions, hooks, cookies and environment
-    merging that a fixed JSON API does not need. urllib3 is what requests runs on;
-    the pool keeps one keep-alive connection per worker thread. Proxies come from
+    refund, and urllib3 under it still a sixth of the worker's CPU (make bench,
+    BENCH_PROFILE=1: header parsing, pool lookups, a socket check per request). libcurl
+    does the whole exchange in C with the GIL released; its pycurl binding is the one
+    the SDK offers (``stripe.PycurlClient``), whose single handle cannot be shared by
+    threads, hence one per thread here. A handle keeps its keep-alive connection
+    between requests, so a worker holds one connection to Stripe per busy thread.
+
+    ``timeout`` bounds the whole request (connect, send, answer). Proxies come from
     ``HTTPS_PROXY`` as with requests; no redirect is followed and nothing is retried
-    here (retries are the worker's decision, SPEC 6)."""
+    here (retries are the worker's decision, SPEC 6). It blocks in C, so it is for
+    threads, never a gevent process: the web never calls Stripe (SPEC 3.3)."""
 
-    name = "urllib3"
+    name = "pycurl"
 
-    def __init__(self, *, timeout: float, max_connections: int = 64) -> None:
+    def __init__(self, *, timeout: float) -> None:
         super().__init__()
-        self._timeout = urllib3.Timeout(connect=timeout, read=timeout)
-        options: dict[str, Any] = {
-            "maxsize": max_connections,
-            "block": False,
-            "retries": False,
-            "timeout": self._timeout,
-            "cert_reqs": "CERT_REQUIRED",
-            "ca_certs": stripe.ca_bundle_path,
-        }
-        proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-        self._pool = urllib3.ProxyManager(proxy, **options) if proxy else urllib3.PoolManager(
-            **options
-        )
+        self._timeout_ms = max(1, round(timeout * 1000))
+        self._proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or ""
+        self._local = threading.local()
+
+    def _handle(self) -> Any:
+        handle = getattr(self._local, "handle", None)
+        if handle is None:
+            handle = self._local.handle = pycurl.Curl()
+        return handle
 
     def request(  # type: ignore[override]
         self, method: str, url: str, headers: Any, post_data: Any = None, **_: Any
     ) -> tuple[bytes, int, Any]:
         start = time.perf_counter()
         status: int | str = "error"
+        handle = self._handle()
+        body = io.BytesIO()
+        head: list[bytes] = []
         try:
-            response = self._pool.request(
-                method.upper(), url, body=post_data, headers=headers, redirect=False,
-                retries=False, timeout=self._timeout,
-            )
-            status = response.status
-            return response.data, response.status, response.headers
-        except urllib3.exceptions.HTTPError as exc:
+            handle.reset()  # options only: the connection stays open for the next request
+            handle.setopt(pycurl.URL, url)
+            verb = method.lower()
+            if verb == "post":
+                # libcurl quietly sends a request again when a reused connection dies
+                # before any answer; a POST is a create, and sending one again is the
+                # worker's decision, after a lookup (SPEC 6). A body libcurl cannot
+                # rewind makes that an error (curl error 65) the worker then handles.
+                data = (post_data or "").encode() if isinstance(post_data or "", str) \
+                    else post_data
+                handle.setopt(pycurl.POST, 1)
+                handle.setopt(pycurl.POSTFIELDSIZE, len(data))
+                handle.setopt(pycurl.READFUNCTION, io.BytesIO(data).read)
+                handle.setopt(pycurl.SEEKFUNCTION, _cannot_rewind)
+            elif verb != "get":
+                handle.setopt(pycurl.CUSTOMREQUEST, method.upper())
+            # "Expect:" drops curl's 100-continue round trip for larger bodies.
+            handle.setopt(pycurl.HTTPHEADER, [f"{k}: {v}" for k, v in headers.items()]
+                          + ["Expect:"])
+            handle.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)
+            handle.setopt(pycurl.TIMEOUT_MS, self._timeout_ms)
+            handle.setopt(pycurl.NOSIGNAL, 1)  # timeouts without SIGALRM: safe in threads
+            handle.setopt(pycurl.CAINFO, stripe.ca_bundle_path)
+            handle.setopt(pycurl.PROXY, self._proxy)  # "": none, whatever else is set
+            handle.setopt(pycurl.WRITEFUNCTION, body.write)
+            handle.setopt(pycurl.HEADERFUNCTION, head.append)
+            handle.perform()
+            status = handle.getinfo(pycurl.RESPONSE_CODE)
+        except pycurl.error as exc:
             # Timeouts, refused or dropped connections: the request may or may not have
-            # reached Stripe (classify_error: unknown outcome).
+            # reached Stripe (classify_error: unknown outcome). The handle starts afresh.
+            self._local.handle = None
+            handle.close()
+            code = exc.args[0] if exc.args else None
             raise stripe.APIConnectionError(
-                f"Could not complete the request to Stripe ({type(exc).__name__}).",
+                f"Could not complete the request to Stripe ({_CURL_ERRORS.get(code, 'failed')},"
+                f" curl error {code}).",
                 should_retry=False,
             ) from exc
         finally:
             observe_stripe_call(method=method, endpoint=stripe_endpoint(url), status=status,
                                 seconds=time.perf_counter() - start)
+        return body.getvalue(), int(status), _last_header_block(head)
 
     def request_stream(self, *args: Any, **kwargs: Any) -> Any:  # never used: no streams
         raise NotImplementedError("StripeHttpClient does not stream")
 
     def close(self) -> None:
-        self._pool.clear()
+        """Close this thread's handle and its connection (other threads' go with them)."""
+        handle = getattr(self._local, "handle", None)
+        self._local.handle = None
+        if handle is not None:
+            handle.close()
+
+
+#: What the usual libcurl failures mean, in words for ``last_error`` (libcurl's own text
+#: can name hosts and proxies).
+_CURL_ERRORS = {
+    pycurl.E_OPERATION_TIMEDOUT: "timed out",
+    pycurl.E_COULDNT_CONNECT: "could not connect",
+    pycurl.E_COULDNT_RESOLVE_HOST: "could not resolve the host",
+    pycurl.E_COULDNT_RESOLVE_PROXY: "could not resolve the proxy",
+    pycurl.E_GOT_NOTHING: "no answer",
+    pycurl.E_SEND_ERROR: "connection dropped while sending",
+    pycurl.E_RECV_ERROR: "connection dropped while receiving",
+    pycurl.E_PARTIAL_FILE: "answer cut off",
+    pycurl.E_SSL_CONNECT_ERROR: "TLS handshake failed",
+    pycurl.E_PEER_FAILED_VERIFICATION: "Stripe's certificate was not trusted",
+    pycurl.E_SEND_FAIL_REWIND: "connection dropped before an answer",
+}
+
+
+def _cannot_rewind(_offset: int, _origin: int) -> int:
+    return pycurl.SEEKFUNC_CANTSEEK
+
+
+def _last_header_block(lines: list[bytes]) -> urllib3.HTTPHeaderDict:
+    """The final answer's headers, looked up by any case as the SDK does ("Request-Id",
+    "request-id"); a proxy's CONNECT answer comes first and is skipped."""
+    headers = urllib3.HTTPHeaderDict()
+    for raw in lines:
+        line = raw.decode("latin-1")
+        if line.startswith("HTTP/"):
+            headers = urllib3.HTTPHeaderDict()
+        name, colon, value = line.partition(":")
+        if colon:
+            headers.add(name.strip(), value.strip())
+    return headers
 
 
 #: Errors ``classify_error`` understands: what callers of this gateway catch.

@@ -143,7 +143,9 @@ def test_a_lease_that_lapses_mid_call_never_makes_a_second_stripe_refund(
 ) -> None:
     """The first worker stalls (SIGSTOP) with its create at Stripe for longer than the
     lease; the reconciler hands the refund to a second worker, which looks it up and
-    adopts what the first one made. Then the first wakes up and records its answer."""
+    adopts what the first one made. Then the first wakes up past its call's time bound
+    (STRIPE_TIMEOUT_SECONDS covers the whole request), so it holds no answer: an unknown
+    outcome, on a refund no longer pending."""
     stack.admin.config(webhook_url=None)
     stack.admin.faults(latency_ms=1_000)
     lease = float(stack.env["CLAIM_LEASE_SECONDS"])
@@ -167,10 +169,10 @@ def test_a_lease_that_lapses_mid_call_never_makes_a_second_stripe_refund(
     stack.admin.faults(latency_ms=0)
     assert any("adopted the Stripe refund" in line and refund_id in line
                for line in second.log().splitlines())
-    # The first worker wakes up and records its late answer: that changes nothing.
-    wait_for(lambda: any("refund sent" in line and refund_id in line
+    # The first worker wakes up with its call timed out: that changes nothing.
+    wait_for(lambda: any("Stripe outcome unknown" in line and refund_id in line
                          for line in stalled.log().splitlines()),
-             timeout=10, what="the first worker to record its answer")
+             timeout=10, what="the first worker to give up on its call")
     assert stripe_refunds_per_id(stack, [refund_id]) == {refund_id: 1}
     assert [t for t in trail(db, refund_id) if t[0] != t[1]] == [
         (None, "pending", "support@example.com"), ("pending", "succeeded", "worker")
