@@ -132,8 +132,10 @@ class StripeHttpClient(stripe.HTTPClient):
 
     ``timeout`` bounds the whole request (connect, send, answer). Proxies come from
     ``HTTPS_PROXY`` as with requests; no redirect is followed and nothing is retried
-    here (retries are the worker's decision, SPEC 6). It blocks in C, so it is for
-    threads, never a gevent process: the web never calls Stripe (SPEC 3.3)."""
+    here (retries are the worker's decision, SPEC 6): libcurl may send a GET again once
+    on a kept-alive connection that died before any answer (a lookup, which changes
+    nothing at Stripe), never a create (below). It blocks in C, so it is for threads,
+    never a gevent process: the web never calls Stripe (SPEC 3.3)."""
 
     name = "pycurl"
 
@@ -166,8 +168,7 @@ class StripeHttpClient(stripe.HTTPClient):
                 # before any answer; a POST is a create, and sending one again is the
                 # worker's decision, after a lookup (SPEC 6). A body libcurl cannot
                 # rewind makes that an error (curl error 65) the worker then handles.
-                data = (post_data or "").encode() if isinstance(post_data or "", str) \
-                    else post_data
+                data = post_data.encode() if isinstance(post_data, str) else post_data or b""
                 handle.setopt(pycurl.POST, 1)
                 handle.setopt(pycurl.POSTFIELDSIZE, len(data))
                 handle.setopt(pycurl.READFUNCTION, io.BytesIO(data).read)
