@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -108,6 +109,9 @@ class Config:
     webhook_stripe_latency_ms: int
     burst_refund_connections: int
     burst_refund_rates: tuple[float, ...]
+    #: "split": the burst's webhooks served by a web server of their own, on a core apart
+    #: from the API's (see ``split_cores``); "shared": one server, the kernel's placement.
+    burst_cores: str
     baseline_threads: int
     hotspot_connections: int
     warmup_seconds: float
@@ -163,6 +167,7 @@ class Config:
                 float(r) for r in os.environ.get("BENCH_BURST_REFUND_RATE", "100,0").split(",")
                 if r.strip()
             ) or (100.0,),
+            burst_cores=_burst_cores(os.environ.get("BENCH_BURST_CORES", "shared")),
             baseline_threads=_env_int("BENCH_BASELINE_THREADS", 8),
             hotspot_connections=_env_int("BENCH_HOTSPOT_CONNECTIONS", 8),
             warmup_seconds=_env_float("BENCH_WARMUP_SECONDS", 2.0),
@@ -221,6 +226,24 @@ def procfile_server() -> str:
     return next(name for name in WEB_SERVERS if f"exec {name} " in PROCFILE_WEB)
 
 
+def _burst_cores(text: str) -> str:
+    if text not in ("shared", "split"):
+        raise BenchError(f"BENCH_BURST_CORES must be shared or split, not {text!r}")
+    if text == "split" and len(os.sched_getaffinity(0)) < 2:
+        raise BenchError("BENCH_BURST_CORES=split needs two cores")
+    return text
+
+
+def pin(pids: Iterable[int], cpus: set[int]) -> None:
+    """Every thread of each process in ``pids`` onto ``cpus`` (threads started later
+    inherit them)."""
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError):
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.sched_setaffinity(int(task), cpus)
+
+
 def _shape(text: str) -> tuple[int, int | None]:
     processes, _, threads = text.strip().partition("x")
     return int(processes), int(threads) if threads else None
@@ -247,6 +270,11 @@ class Bench:
         self.result: dict[str, Any] = {}
         self.env: dict[str, str] = {}
         self.web: Process | None = None
+        #: The burst's webhook server when BENCH_BURST_CORES=split, else None (the API's).
+        self.webhook_web: Process | None = None
+        self.webhook_url = ""
+        #: The API's core and the burst's (BENCH_BURST_CORES=split).
+        self.burst_cpus = sorted(os.sched_getaffinity(0))[:2]
         self.web_slug = ""
         self.emulator: Process | None = None
         self.redis: Process | None = None
@@ -297,6 +325,8 @@ class Bench:
             "redis": lambda: self.redis.pids() if self.redis else [],
             "emulator": lambda: self.emulator.pids() if self.emulator else [],
         }
+        if self.webhook_web is not None:  # BENCH_BURST_CORES=split
+            groups["webhook_web"] = self.webhook_web.pids
         return CpuMeter(groups)
 
     def write_lines(self, name: str, lines: list[str]) -> Path:
@@ -311,7 +341,9 @@ class Bench:
                 webhook_events: Path | None = None, rate: float = 0.0) -> dict[str, Any]:
         """Run the load generator as its own process; with ``meter``, the CPU each
         process kind used in the middle of the run is added as ``cpu_cores``."""
-        argv = [sys.executable, "-m", "bench.loadgen", "--url", self.url,
+        # The webhooks go to the burst's own server when there is one (BENCH_BURST_CORES).
+        url = self.webhook_url if webhook_events is not None and self.webhook_url else self.url
+        argv = [sys.executable, "-m", "bench.loadgen", "--url", url,
                 "--payments", str(payments), "--connections", str(connections),
                 "--amount", str(amount)]
         argv += ["--duration", str(duration)] if duration is not None else [
@@ -327,6 +359,8 @@ class Bench:
         env = {**self.env, "LOADGEN_TOKEN": self.token,
                "LOADGEN_WEBHOOK_SECRET": self.env["STRIPE_WEBHOOK_SECRET"]}
         proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE)  # noqa: S603
+        if webhook_events is not None and self.webhook_web is not None:
+            pin([proc.pid], {self.burst_cpus[1]})  # Stripe's side, on the burst's core
         cpu = None
         spy = None
         if meter and duration is not None and duration > 2:
@@ -897,6 +931,8 @@ class Bench:
         if not made:
             raise BenchError("no Stripe refunds to send events about (run the drain first)")
         self.start_workers(1, None, STRIPE_MAX_RPS="100")
+        if c.burst_cores == "split":
+            self.split_cores()
         try:
             # The same conditions with and without the burst: Stripe 1 s away, the worker
             # started and busy with the refunds being made (a short unmeasured run first,
@@ -909,6 +945,35 @@ class Bench:
         finally:
             self.admin.clear_faults()
             self.stop_workers()
+            if self.webhook_web is not None:
+                self.stop(self.webhook_web, "web")
+                self.webhook_web, self.webhook_url = None, ""
+                everywhere = os.sched_getaffinity(0)
+                pin(self.web.pids() if self.web else [], everywhere)
+                pin(self.emulator.pids() if self.emulator else [], everywhere)
+
+    def split_cores(self) -> None:
+        """Cores of their own for the two kinds of work, as separate deployments would have
+        them: a second server from the Procfile's ``web`` line takes the burst's webhooks
+        (Stripe's endpoint routed to it); the API's server runs on core 0; the webhook
+        server, the worker, the emulator and the webhook load generator on core 1 (the
+        first two cores this process may use).
+        Postgres, Redis and initiation's load generator stay where the kernel puts them."""
+        port = free_port()
+        metrics_dir = self.work / "metrics-webhook-web"
+        metrics_dir.mkdir(exist_ok=True)
+        env = {**self.env, "PORT": str(port), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+        self.webhook_web = self.start(shell_process("webhook-web", PROCFILE_WEB, env, self.work))
+        self.webhook_url = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{self.webhook_url}/readyz", proc=self.webhook_web.proc,
+                      log=self.webhook_web.log_path)
+        assert self.web is not None and self.emulator is not None
+        api, burst = self.burst_cpus
+        pin(self.web.pids(), {api})
+        pin(self.webhook_web.pids() + [p for w in self.workers for p in w.pids()]
+            + self.emulator.pids(), {burst})
+        log(f"burst on cores of its own: the API on cpu {api}; webhooks, worker and emulator"
+            f" on cpu {burst}")
 
     def one_burst(self, rate: float, alone_file: str, during_file: str,
                   made: list[Any], name: str) -> dict[str, Any]:
@@ -936,7 +1001,8 @@ class Bench:
                                 webhook_events=events_file)
             time.sleep(0.5)
             during = self.loadgen(during_file, c.burst_refund_connections,
-                                  duration=c.seconds, rate=rate, meter=True)
+                                  duration=c.seconds, rate=rate, meter=True,
+                                  profile=f"profile-web-{name}" if c.profile else None)
             webhooks = burst.result()
         ratio = (during["latency_ms"]["p99"] / alone["latency_ms"]["p99"]
                  if alone["latency_ms"]["p99"] else 0.0)
@@ -951,6 +1017,7 @@ class Bench:
             "webhook_connections": c.webhook_connections,
             "initiation_rate_per_s": rate or "as fast as 8 connections go",
             "emulator_latency_ms": c.webhook_stripe_latency_ms,
+            "cores": c.burst_cores,
             "webhooks": webhooks,
             "initiation_alone": alone,
             "initiation_during_burst": during,
