@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,11 +35,14 @@ TINY = {
 }
 
 
-def test_bench_prints_every_figure_and_no_request_fails(tmp_path: Path) -> None:
+def run_bench(tmp_path: Path, **settings: str) -> dict[str, Any]:
+    """``make bench`` with TINY and ``settings``: what it printed, checked against the file
+    it wrote."""
     output = tmp_path / "bench.json"
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("BENCH_")},
         **TINY,
+        **settings,
         "BENCH_OUTPUT": str(output),
         "BENCH_PG_ADMIN_URL": PG_ADMIN_URL,
     }
@@ -53,8 +57,13 @@ def test_bench_prints_every_figure_and_no_request_fails(tmp_path: Path) -> None:
         stdout, stderr = proc.communicate(timeout=60)
         pytest.fail(f"make bench took more than 420 s: {stderr[-4000:]}")
     assert proc.returncode == 0, stderr[-4000:]
-    printed = json.loads(stdout)
+    printed: dict[str, Any] = json.loads(stdout)
     assert json.loads(output.read_text()) == printed
+    return printed
+
+
+def test_bench_prints_every_figure_and_no_request_fails(tmp_path: Path) -> None:
+    printed = run_bench(tmp_path)
 
     assert {"cores", "ram_gb", "cpu_model"} <= printed["machine"].keys()
     assert printed["seed"]["payments"] == 3000
@@ -122,3 +131,20 @@ def test_bench_prints_every_figure_and_no_request_fails(tmp_path: Path) -> None:
             assert burst[run]["cpu_cores"]["machine"] > 0
             assert burst[run]["cpu_cores"]["web"] > 0
     assert printed["webhook_burst"]["initiation_rate_per_s"] == 100
+    assert printed["webhook_burst"]["cores"] == "shared"  # one server: BENCH_BURST_CORES
+    assert "webhook_web" not in printed["webhook_burst"]["initiation_during_burst"]["cpu_cores"]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the split needs two cores")
+def test_the_burst_on_cores_of_its_own_goes_to_a_server_of_its_own(tmp_path: Path) -> None:
+    # Events for 3 s at 200/s: the burst is still on while the CPU is metered.
+    printed = run_bench(tmp_path, BENCH_PHASES="drain,webhook_burst", BENCH_WEBHOOK_EVENTS="600",
+                        BENCH_BURST_CORES="split", BENCH_BURST_REFUND_RATE="100")
+    burst = printed["webhook_burst"]
+    assert burst["cores"] == "split"
+    assert burst["webhooks"]["ok"] == 600 and burst["webhooks"]["errors"] == 0
+    assert burst["initiation_during_burst"]["errors"] == 0
+    during = burst["initiation_during_burst"]["cpu_cores"]
+    # The webhooks were served by the second server, initiation by the API's.
+    assert during["webhook_web"] > 0 and during["web"] > 0
+    assert "webhook_burst_saturated" not in printed
