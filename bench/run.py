@@ -931,9 +931,9 @@ class Bench:
         if not made:
             raise BenchError("no Stripe refunds to send events about (run the drain first)")
         self.start_workers(1, None, STRIPE_MAX_RPS="100")
-        if c.burst_cores == "split":
-            self.split_cores()
         try:
+            if c.burst_cores == "split":
+                self.split_cores()
             # The same conditions with and without the burst: Stripe 1 s away, the worker
             # started and busy with the refunds being made (a short unmeasured run first,
             # so its start-up is in neither figure).
