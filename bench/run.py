@@ -33,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,6 +55,7 @@ from bench.stack import (
     free_port,
     machine_info,
     memory_kb,
+    pin,
     postgres_backends,
     procfile_process,
     redis_server,
@@ -232,16 +232,6 @@ def _burst_cores(text: str) -> str:
     if text == "split" and len(os.sched_getaffinity(0)) < 2:
         raise BenchError("BENCH_BURST_CORES=split needs two cores")
     return text
-
-
-def pin(pids: Iterable[int], cpus: set[int]) -> None:
-    """Every thread of each process in ``pids`` onto ``cpus`` (threads started later
-    inherit them)."""
-    for pid in pids:
-        with contextlib.suppress(FileNotFoundError):
-            for task in os.listdir(f"/proc/{pid}/task"):
-                with contextlib.suppress(ProcessLookupError):
-                    os.sched_setaffinity(int(task), cpus)
 
 
 def _shape(text: str) -> tuple[int, int | None]:

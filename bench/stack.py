@@ -11,6 +11,7 @@ resident set size, ``utime + stime`` its CPU time.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -110,6 +111,16 @@ def memory_kb(pid: int) -> dict[str, int]:
         elif line.startswith("VmHWM:"):
             out["hwm"] = int(line.split()[1])
     return out
+
+
+def pin(pids: Iterable[int], cpus: set[int]) -> None:
+    """Every thread of each process in ``pids`` onto ``cpus`` (threads started later
+    inherit them)."""
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError):
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.sched_setaffinity(int(task), cpus)
 
 
 def postgres_backends(database: str) -> list[int]:
