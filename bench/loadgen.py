@@ -83,6 +83,7 @@ class Run:
         self.statuses: Counter[str] = Counter()
         self.refund_ids: list[str] = []
         self.keep_ids = args.ids
+        self.keep_latencies = args.latencies
         self.deadline = 0.0
 
     @staticmethod
@@ -158,6 +159,8 @@ class Run:
         }
         if self.keep_ids:
             out["refund_ids"] = self.refund_ids
+        if self.keep_latencies:
+            out["latencies_s"] = [round(x, 6) for x in self.latencies]
         return out
 
 
@@ -214,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reason", default="requested_by_customer")
     parser.add_argument("--expect", type=int, default=201, help="the status that is not an error")
     parser.add_argument("--ids", action="store_true", help="list the refund ids created")
+    parser.add_argument("--latencies", action="store_true",
+                        help="list every request's latency (seconds), for pooling runs")
     parser.add_argument("--get", metavar="PATH",
                         help="send GET PATH instead of refunds (with --expect 200)")
     parser.add_argument("--idempotency-keys", action="store_true",

@@ -29,10 +29,12 @@ import os
 import secrets
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,6 +51,7 @@ from bench.stack import (
     PROCFILE_WEB,
     ROOT,
     BenchError,
+    CpuGroup,
     CpuMeter,
     Database,
     Process,
@@ -104,14 +107,16 @@ class Config:
     stripe_shapes: tuple[tuple[int, int | None], ...]
     phases: tuple[str, ...]
     webhook_events: int
+    #: Rounds of (initiation alone, initiation during a burst), latencies pooled.
+    burst_rounds: int
     webhook_rate: float
     webhook_connections: int
     webhook_stripe_latency_ms: int
     burst_refund_connections: int
     burst_refund_rates: tuple[float, ...]
-    #: "split": the burst's webhooks served by a web server of their own, on a core apart
-    #: from the API's (see ``split_cores``); "shared": one server, the kernel's placement.
-    burst_cores: str
+    #: Where the burst's work runs, one run each: "weighted", "shared" or "split" (see
+    #: ``Bench.arrange_burst``); the first is the targets'.
+    burst_cores: tuple[str, ...]
     baseline_threads: int
     hotspot_connections: int
     warmup_seconds: float
@@ -156,6 +161,7 @@ class Config:
                 if p.strip()
             ),
             webhook_events=_env_int("BENCH_WEBHOOK_EVENTS", 4000),
+            burst_rounds=_env_int("BENCH_BURST_ROUNDS", 3, low=1),
             webhook_rate=_env_float("BENCH_WEBHOOK_RATE", 400.0),
             webhook_connections=_env_int("BENCH_WEBHOOK_CONNECTIONS", 32),
             webhook_stripe_latency_ms=_env_int("BENCH_WEBHOOK_STRIPE_LATENCY_MS", 1000, low=0),
@@ -167,7 +173,7 @@ class Config:
                 float(r) for r in os.environ.get("BENCH_BURST_REFUND_RATE", "100,0").split(",")
                 if r.strip()
             ) or (100.0,),
-            burst_cores=_burst_cores(os.environ.get("BENCH_BURST_CORES", "shared")),
+            burst_cores=_burst_cores(os.environ.get("BENCH_BURST_CORES", "weighted,shared")),
             baseline_threads=_env_int("BENCH_BASELINE_THREADS", 8),
             hotspot_connections=_env_int("BENCH_HOTSPOT_CONNECTIONS", 8),
             warmup_seconds=_env_float("BENCH_WARMUP_SECONDS", 2.0),
@@ -226,12 +232,17 @@ def procfile_server() -> str:
     return next(name for name in WEB_SERVERS if f"exec {name} " in PROCFILE_WEB)
 
 
-def _burst_cores(text: str) -> str:
-    if text not in ("shared", "split"):
-        raise BenchError(f"BENCH_BURST_CORES must be shared or split, not {text!r}")
-    if text == "split" and len(os.sched_getaffinity(0)) < 2:
+def _burst_cores(text: str) -> tuple[str, ...]:
+    arrangements = tuple(a.strip() for a in text.split(",") if a.strip())
+    for arrangement in arrangements:
+        if arrangement not in ("weighted", "shared", "split"):
+            raise BenchError("BENCH_BURST_CORES must list weighted, shared or split,"
+                             f" not {arrangement!r}")
+    if not arrangements:
+        raise BenchError("BENCH_BURST_CORES lists no arrangement")
+    if "split" in arrangements and len(os.sched_getaffinity(0)) < 2:
         raise BenchError("BENCH_BURST_CORES=split needs two cores")
-    return text
+    return arrangements
 
 
 def _shape(text: str) -> tuple[int, int | None]:
@@ -244,6 +255,46 @@ def _per_request(cpu_cores: dict[str, float], per_second: float) -> dict[str, fl
     if not per_second:
         return {}
     return {kind: round(cores / per_second * 1000, 3) for kind, cores in cpu_cores.items()}
+
+
+def _refund_events(made: list[Any], count: int) -> list[str]:
+    """``count`` of Stripe's refund events (four kinds, each about one of ``made``'s
+    refunds), new ids each call: the endpoint stores an event once."""
+    types = ("refund.created", "refund.updated", "charge.refund.updated", "refund.updated")
+    return [
+        json.dumps({
+            "id": f"evt_bench_{i:08d}_{secrets.token_hex(4)}", "object": "event",
+            "type": types[i % len(types)], "created": int(time.time()),
+            "data": {"object": {"id": made[(i // len(types)) % len(made)][0],
+                                "object": "refund"}},
+        })
+        for i in range(count)
+    ]
+
+
+def _pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Load generator runs as one: latencies pooled, counts summed, rates and cores
+    averaged; ``p99_by_run`` keeps each run's own p99."""
+    latencies = [x for run in runs for x in run.pop("latencies_s")]
+    statuses: Counter[str] = Counter()
+    for run in runs:
+        statuses.update(run["statuses"])
+    out = {
+        **runs[0],
+        "requests": sum(run["requests"] for run in runs),
+        "ok": sum(run["ok"] for run in runs),
+        "errors": sum(run["errors"] for run in runs),
+        "statuses": dict(statuses),
+        "requests_per_s": round(statistics.fmean(run["requests_per_s"] for run in runs), 1),
+        "latency_ms": latency_summary(latencies),
+        "p99_by_run": [run["latency_ms"]["p99"] for run in runs],
+    }
+    if all("cpu_cores" in run for run in runs):
+        out["cpu_cores"] = {kind: round(statistics.fmean(run["cpu_cores"].get(kind, 0.0)
+                                                         for run in runs), 3)
+                            for kind in runs[0]["cpu_cores"]}
+        out["cpu_ms_per_request"] = _per_request(out["cpu_cores"], out["requests_per_s"])
+    return out
 
 
 def _mb(kb: int) -> float:
@@ -265,6 +316,10 @@ class Bench:
         self.webhook_url = ""
         #: The API's core and the burst's (BENCH_BURST_CORES=split).
         self.burst_cpus = sorted(os.sched_getaffinity(0))[:2]
+        #: How the burst's work is placed now (``arrange_burst``), and its cgroup when
+        #: "weighted".
+        self.burst_cores = "shared"
+        self.burst_group: CpuGroup | None = None
         self.web_slug = ""
         self.emulator: Process | None = None
         self.redis: Process | None = None
@@ -328,7 +383,8 @@ class Bench:
                 requests: int | None = None, amount: int = REFUND_AMOUNT,
                 meter: bool = False, profile: str | None = None,
                 idempotency_keys: bool = False, get: str | None = None,
-                webhook_events: Path | None = None, rate: float = 0.0) -> dict[str, Any]:
+                webhook_events: Path | None = None, rate: float = 0.0,
+                latencies: bool = False) -> dict[str, Any]:
         """Run the load generator as its own process; with ``meter``, the CPU each
         process kind used in the middle of the run is added as ``cpu_cores``."""
         # The webhooks go to the burst's own server when there is one (BENCH_BURST_CORES).
@@ -346,11 +402,15 @@ class Bench:
             argv += ["--webhook-events", str(webhook_events), "--expect", "200"]
         if rate:
             argv += ["--rate", str(rate)]
+        if latencies:
+            argv.append("--latencies")
         env = {**self.env, "LOADGEN_TOKEN": self.token,
                "LOADGEN_WEBHOOK_SECRET": self.env["STRIPE_WEBHOOK_SECRET"]}
         proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE)  # noqa: S603
-        if webhook_events is not None and self.webhook_web is not None:
+        if webhook_events is not None and self.burst_cores == "split":
             pin([proc.pid], {self.burst_cpus[1]})  # Stripe's side, on the burst's core
+        if webhook_events is not None and self.burst_group is not None:
+            self.burst_group.add([proc.pid])  # Stripe's side, with the burst
         cpu = None
         spy = None
         if meter and duration is not None and duration > 2:
@@ -922,33 +982,77 @@ class Bench:
             raise BenchError("no Stripe refunds to send events about (run the drain first)")
         self.start_workers(1, None, STRIPE_MAX_RPS="100")
         try:
-            if c.burst_cores == "split":
-                self.split_cores()
             # The same conditions with and without the burst: Stripe 1 s away, the worker
             # started and busy with the refunds being made (a short unmeasured run first,
             # so its start-up is in neither figure).
             self.admin.faults(latency_ms=c.webhook_stripe_latency_ms)
-            for i, rate in enumerate(c.burst_refund_rates):
-                key = ("webhook_burst" if i == 0 else "webhook_burst_saturated" if not rate
-                       else f"webhook_burst_at_{rate:g}")
-                self.result[key] = self.one_burst(rate, alone_file, during_file, made, key)
+            for n, cores in enumerate(c.burst_cores):
+                # The first arrangement is the targets'; the others, at the first rate,
+                # are reported beside it as webhook_burst_<arrangement>.
+                rates = c.burst_refund_rates if n == 0 else c.burst_refund_rates[:1]
+                self.arrange_burst(cores)
+                try:
+                    for i, rate in enumerate(rates):
+                        key = ("webhook_burst" if i == 0 else "webhook_burst_saturated"
+                               if not rate else f"webhook_burst_at_{rate:g}")
+                        key += f"_{cores}" if n else ""
+                        self.result[key] = self.one_burst(rate, alone_file, during_file,
+                                                          made, key)
+                finally:
+                    self.end_burst_arrangement()
         finally:
             self.admin.clear_faults()
             self.stop_workers()
-            if self.webhook_web is not None:
-                self.stop(self.webhook_web, "web")
-                self.webhook_web, self.webhook_url = None, ""
-                everywhere = os.sched_getaffinity(0)
-                pin(self.web.pids() if self.web else [], everywhere)
-                pin(self.emulator.pids() if self.emulator else [], everywhere)
 
-    def split_cores(self) -> None:
-        """Cores of their own for the two kinds of work, as separate deployments would have
-        them: a second server from the Procfile's ``web`` line takes the burst's webhooks
-        (Stripe's endpoint routed to it); the API's server runs on core 0; the webhook
-        server, the worker, the emulator and the webhook load generator on core 1 (the
-        first two cores this process may use).
-        Postgres, Redis and initiation's load generator stay where the kernel puts them."""
+    def arrange_burst(self, cores: str) -> None:
+        """Where the burst's work runs (BENCH_BURST_CORES):
+
+        - "shared": one server takes the API's requests and Stripe's webhooks, every
+          process where the kernel puts it;
+        - "weighted": the deployment README's Deploying describes: a second server from
+          the Procfile's ``web`` line takes the webhooks; it and the worker (and the
+          burst's load generator, Stripe's stand-in) run in a cgroup with ``cpu.idle``
+          set, so they have every core initiation's side leaves idle and yield them the
+          moment it wants one. Postgres and Redis, which both sides use, keep their
+          priority;
+        - "split": that second server, the worker, the emulator and the burst's load
+          generator on the second core, the API's server on the first; Postgres, Redis
+          and initiation's load generator where the kernel puts them."""
+        self.burst_cores = cores
+        if cores == "shared":
+            return
+        self.start_webhook_web()
+        assert self.web is not None and self.webhook_web is not None and self.emulator is not None
+        burst_side = self.webhook_web.pids() + [p for w in self.workers for p in w.pids()]
+        if cores == "weighted":
+            self.burst_group = CpuGroup(f"refunds-bench-burst-{os.getpid()}")
+            self.burst_group.add(burst_side)
+            log("burst weighted: the webhook server and the worker on what initiation"
+                " leaves idle")
+        else:
+            api, burst = self.burst_cpus
+            pin(self.web.pids(), {api})
+            pin(burst_side + self.emulator.pids(), {burst})
+            log(f"burst on cores of its own: the API on cpu {api}; webhooks, worker and"
+                f" emulator on cpu {burst}")
+
+    def end_burst_arrangement(self) -> None:
+        """Back to one server, every process on every core at its own priority."""
+        if self.webhook_web is not None:
+            self.stop(self.webhook_web, "web")
+            self.webhook_web, self.webhook_url = None, ""
+        if self.burst_group is not None:
+            self.burst_group.remove()
+            self.burst_group = None
+        if self.burst_cores == "split":
+            everywhere = os.sched_getaffinity(0)
+            pin(self.web.pids() if self.web else [], everywhere)
+            pin(self.emulator.pids() if self.emulator else [], everywhere)
+            pin([p for w in self.workers for p in w.pids()], everywhere)
+        self.burst_cores = "shared"
+
+    def start_webhook_web(self) -> None:
+        """A second server from the Procfile's ``web`` line; Stripe's endpoint routed to it."""
         port = free_port()
         metrics_dir = self.work / "metrics-webhook-web"
         metrics_dir.mkdir(exist_ok=True)
@@ -957,43 +1061,47 @@ class Bench:
         self.webhook_url = f"http://127.0.0.1:{port}"
         wait_for_http(f"{self.webhook_url}/readyz", proc=self.webhook_web.proc,
                       log=self.webhook_web.log_path)
-        assert self.web is not None and self.emulator is not None
-        api, burst = self.burst_cpus
-        pin(self.web.pids(), {api})
-        pin(self.webhook_web.pids() + [p for w in self.workers for p in w.pids()]
-            + self.emulator.pids(), {burst})
-        log(f"burst on cores of its own: the API on cpu {api}; webhooks, worker and emulator"
-            f" on cpu {burst}")
 
     def one_burst(self, rate: float, alone_file: str, during_file: str,
                   made: list[Any], name: str) -> dict[str, Any]:
+        """``BENCH_BURST_ROUNDS`` rounds of initiation alone, then initiation during a
+        burst; each side's latencies pooled over its rounds. A p99 of one 10-second run
+        is its tenth-worst request of a thousand, and on a shared host a pause of the
+        whole machine moves it by half (two runs of initiation alone, back to back,
+        differ by that much): the rounds take the drift of the host out of the
+        comparison and put more requests behind each percentile."""
         c = self.config
-        types = ("refund.created", "refund.updated", "charge.refund.updated", "refund.updated")
-        events = [
-            json.dumps({
-                "id": f"evt_bench_{i:08d}_{secrets.token_hex(4)}", "object": "event",
-                "type": types[i % len(types)], "created": int(time.time()),
-                "data": {"object": {"id": made[(i // len(types)) % len(made)][0],
-                                    "object": "refund"}},
-            })
-            for i in range(c.webhook_events)
-        ]
-        events_file = self.write_lines(f"{name}-events.txt", events)
+        # Unmeasured, both: initiation, and a second of the burst, so that neither side's
+        # start-up (a server's first requests, its pool's first connections) is in a figure.
+        warm_events = self.write_lines(f"{name}-warm-events.txt",
+                                       _refund_events(made, int(c.webhook_rate) or 100))
+        self.loadgen(alone_file, c.webhook_connections, requests=int(c.webhook_rate) or 100,
+                     rate=c.webhook_rate, webhook_events=warm_events)
         self.loadgen(alone_file, c.burst_refund_connections, duration=c.warmup_seconds + 1,
                      rate=rate)
-        # Metered, both: the CPU each process kind and the machine used says how much of
-        # the two cores the burst left to initiation.
-        alone = self.loadgen(alone_file, c.burst_refund_connections, duration=c.seconds,
-                             rate=rate, meter=True)
-        with ThreadPoolExecutor(1) as pool:
-            burst = pool.submit(self.loadgen, alone_file, c.webhook_connections,
-                                requests=c.webhook_events, rate=c.webhook_rate,
-                                webhook_events=events_file)
-            time.sleep(0.5)
-            during = self.loadgen(during_file, c.burst_refund_connections,
-                                  duration=c.seconds, rate=rate, meter=True,
-                                  profile=f"profile-web-{name}" if c.profile else None)
-            webhooks = burst.result()
+        alones, durings, bursts = [], [], []
+        for round_ in range(c.burst_rounds):
+            events_file = self.write_lines(f"{name}-{round_}-events.txt",
+                                           _refund_events(made, c.webhook_events))
+            # Metered, both: the CPU each process kind and the machine used says how much
+            # of the two cores the burst left to initiation.
+            alones.append(self.loadgen(alone_file, c.burst_refund_connections,
+                                       duration=c.seconds, rate=rate, meter=True,
+                                       latencies=True))
+            with ThreadPoolExecutor(1) as pool:
+                burst = pool.submit(self.loadgen, alone_file, c.webhook_connections,
+                                    requests=c.webhook_events, rate=c.webhook_rate,
+                                    webhook_events=events_file, latencies=True)
+                time.sleep(0.5)
+                durings.append(self.loadgen(
+                    during_file, c.burst_refund_connections, duration=c.seconds, rate=rate,
+                    meter=True, latencies=True,
+                    profile=f"profile-web-{name}-{round_}" if c.profile else None))
+                bursts.append(burst.result())
+            log(f"{name} round {round_ + 1}: initiation p99"
+                f" {alones[-1]['latency_ms']['p99']} -> {durings[-1]['latency_ms']['p99']} ms,"
+                f" webhook p99 {bursts[-1]['latency_ms']['p99']} ms")
+        alone, during, webhooks = _pooled(alones), _pooled(durings), _pooled(bursts)
         ratio = (during["latency_ms"]["p99"] / alone["latency_ms"]["p99"]
                  if alone["latency_ms"]["p99"] else 0.0)
         log(f"{name}: webhook p99 {webhooks['latency_ms']['p99']} ms,"
@@ -1007,7 +1115,8 @@ class Bench:
             "webhook_connections": c.webhook_connections,
             "initiation_rate_per_s": rate or "as fast as 8 connections go",
             "emulator_latency_ms": c.webhook_stripe_latency_ms,
-            "cores": c.burst_cores,
+            "cores": self.burst_cores,
+            "rounds": c.burst_rounds,
             "webhooks": webhooks,
             "initiation_alone": alone,
             "initiation_during_burst": during,

@@ -123,6 +123,40 @@ def pin(pids: Iterable[int], cpus: set[int]) -> None:
                     os.sched_setaffinity(int(task), cpus)
 
 
+class CpuGroup:
+    """A cgroup of the kernel's ``cpu`` controller (v1 or v2) for one run: processes in
+    it get the cores only when no process outside it wants them (``cpu.idle``, the
+    kernel's SCHED_IDLE for a group), as a deployment with a small CPU request does
+    beside one with a large one. Needs write access to the cgroup hierarchy (root)."""
+
+    def __init__(self, name: str) -> None:
+        v1 = Path("/sys/fs/cgroup/cpu")
+        self.parent = v1 if (v1 / "cpu.shares").exists() else Path("/sys/fs/cgroup")
+        self.path = self.parent / name
+        try:
+            self.path.mkdir(exist_ok=True)
+            (self.path / "cpu.idle").write_text("1")
+        except OSError as exc:
+            raise BenchError(f"cannot make the cpu cgroup {self.path} ({exc}): the weighted"
+                             " burst needs root; BENCH_BURST_CORES=shared does not") from exc
+
+    def add(self, pids: Iterable[int]) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                (self.path / "cgroup.procs").write_text(str(pid))
+
+    def members(self) -> set[int]:
+        return {int(p) for p in (_read(str(self.path / "cgroup.procs")) or "").split()}
+
+    def remove(self) -> None:
+        """Every process back in the parent group, and the group gone."""
+        for pid in self.members():
+            with contextlib.suppress(ProcessLookupError, OSError):
+                (self.parent / "cgroup.procs").write_text(str(pid))
+        with contextlib.suppress(OSError):
+            self.path.rmdir()
+
+
 def postgres_backends(database: str) -> list[int]:
     """The Postgres server processes serving connections to ``database``."""
     pids = []

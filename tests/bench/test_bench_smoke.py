@@ -32,6 +32,7 @@ TINY = {
     "BENCH_EVENTS_REFUNDS": "100",
     "BENCH_WEBHOOK_EVENTS": "100",
     "BENCH_WEBHOOK_RATE": "200",
+    "BENCH_BURST_ROUNDS": "2",  # pooled over rounds
 }
 
 
@@ -122,29 +123,45 @@ def test_bench_prints_every_figure_and_no_request_fails(tmp_path: Path) -> None:
     assert {"web", "worker", "emulator"} <= printed["peak_rss_mb"].keys()
     assert printed["targets"] and all(isinstance(v, bool) for v in printed["targets"].values())
 
-    for name in ("webhook_burst", "webhook_burst_saturated"):  # initiation paced, then not
+    # The targets' arrangement (BENCH_BURST_CORES' first) at both rates, the other at the first.
+    for name in ("webhook_burst", "webhook_burst_saturated", "webhook_burst_shared"):
         burst = printed[name]
-        assert burst["webhooks"]["ok"] == 100 and burst["webhooks"]["errors"] == 0
+        assert burst["webhooks"]["ok"] == 200 and burst["webhooks"]["errors"] == 0  # 2 rounds
         assert burst["initiation_during_burst"]["errors"] == 0
         assert burst["initiation_p99_ratio"] > 0
         for run in ("initiation_alone", "initiation_during_burst"):  # the cores each left
+            assert len(burst[run]["p99_by_run"]) == 2
+            assert "latencies_s" not in burst[run]
             assert burst[run]["cpu_cores"]["machine"] > 0
             assert burst[run]["cpu_cores"]["web"] > 0
     assert printed["webhook_burst"]["initiation_rate_per_s"] == 100
-    assert printed["webhook_burst"]["cores"] == "shared"  # one server: BENCH_BURST_CORES
-    assert "webhook_web" not in printed["webhook_burst"]["initiation_during_burst"]["cpu_cores"]
+    assert printed["webhook_burst"]["cores"] == "weighted"
+    assert "webhook_burst_saturated_shared" not in printed
+    shared = printed["webhook_burst_shared"]
+    assert shared["cores"] == "shared"  # one server took both
+    assert "webhook_web" not in shared["initiation_during_burst"]["cpu_cores"]
+    assert not _bench_cgroups()
+
+
+def _bench_cgroups() -> list[Path]:
+    """The weighted burst's cgroups left behind (it removes its own at the end)."""
+    return [*Path("/sys/fs/cgroup").glob("refunds-bench-burst-*"),
+            *Path("/sys/fs/cgroup/cpu").glob("refunds-bench-burst-*")]
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the split needs two cores")
-def test_the_burst_on_cores_of_its_own_goes_to_a_server_of_its_own(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cores", ["split", "weighted"])
+def test_the_burst_arranged_apart_goes_to_a_server_of_its_own(tmp_path: Path, cores: str) -> None:
     # Events for 3 s at 200/s: the burst is still on while the CPU is metered.
     printed = run_bench(tmp_path, BENCH_PHASES="drain,webhook_burst", BENCH_WEBHOOK_EVENTS="600",
-                        BENCH_BURST_CORES="split", BENCH_BURST_REFUND_RATE="100")
+                        BENCH_BURST_CORES=cores, BENCH_BURST_REFUND_RATE="100",
+                        BENCH_BURST_ROUNDS="1")
     burst = printed["webhook_burst"]
-    assert burst["cores"] == "split"
+    assert burst["cores"] == cores
     assert burst["webhooks"]["ok"] == 600 and burst["webhooks"]["errors"] == 0
     assert burst["initiation_during_burst"]["errors"] == 0
     during = burst["initiation_during_burst"]["cpu_cores"]
     # The webhooks were served by the second server, initiation by the API's.
     assert during["webhook_web"] > 0 and during["web"] > 0
     assert "webhook_burst_saturated" not in printed
+    assert not _bench_cgroups()
