@@ -14,7 +14,9 @@ import pytest
 from cli.procfile import procfile_lines
 from tests.support import ROOT
 
-APP_SERVICES = ("release", "web", "worker", "beat", "flower")
+APP_SERVICES = ("release", "web", "webhooks", "worker", "beat", "flower")
+#: The Procfile line each app service runs: Stripe's webhooks are served by the web line.
+PROCFILE_LINE = {name: name for name in APP_SERVICES} | {"webhooks": "web"}
 
 
 def _is_executable_binary(path: Path) -> bool:
@@ -115,21 +117,35 @@ def test_secrets_come_from_the_environment_with_no_public_default(compose: list[
 
 
 def test_each_app_container_runs_its_procfile_line(services: dict[str, Any]) -> None:
-    assert set(APP_SERVICES) <= set(procfile_lines())
+    assert set(PROCFILE_LINE.values()) <= set(procfile_lines())
     for name in APP_SERVICES:
-        assert services[name]["command"] == [name]
+        assert services[name]["command"] == [PROCFILE_LINE[name]]
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["python", "-m", "cli.procfile"]' in dockerfile
 
 
 def test_release_runs_once_before_web_and_worker(services: dict[str, Any]) -> None:
     assert services["release"]["restart"] == "no"
-    for name in ("web", "worker", "beat", "flower"):
+    for name in ("web", "webhooks", "worker", "beat", "flower"):
         assert (
             services[name]["depends_on"]["release"]["condition"] == "service_completed_successfully"
         )
         assert services[name]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert services["release"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
+def test_stripes_webhooks_and_the_worker_yield_the_cores_to_the_api(
+    services: dict[str, Any], compose: list[str],
+) -> None:
+    """A burst of Stripe's events runs on what the API leaves idle (README "Deploying")."""
+    api_weight = services["web"].get("cpu_shares", 1024)  # docker's default weight
+    for name in ("webhooks", "worker"):
+        assert 0 < services[name]["cpu_shares"] < api_weight / 8, name
+    assert services["webhooks"]["healthcheck"] == services["web"]["healthcheck"]
+    assert services["webhooks"]["ports"] != services["web"]["ports"]
+    result = _config(compose, {"COMPOSE_PROFILES": "emulator"})
+    emulator = json.loads(result.stdout)["services"]["stripe-emulator"]["command"]
+    assert emulator[emulator.index("--webhook-url") + 1].startswith("http://webhooks:8000/")
 
 
 def test_postgres_and_redis_have_healthchecks_and_redis_keeps_its_queue(
