@@ -311,7 +311,8 @@ class Bench:
         self.result: dict[str, Any] = {}
         self.env: dict[str, str] = {}
         self.web: Process | None = None
-        #: The burst's webhook server when BENCH_BURST_CORES=split, else None (the API's).
+        #: The burst's webhook server when BENCH_BURST_CORES is weighted or split, else
+        #: None (the API's).
         self.webhook_web: Process | None = None
         self.webhook_url = ""
         #: The API's core and the burst's (BENCH_BURST_CORES=split).
@@ -370,7 +371,7 @@ class Bench:
             "redis": lambda: self.redis.pids() if self.redis else [],
             "emulator": lambda: self.emulator.pids() if self.emulator else [],
         }
-        if self.webhook_web is not None:  # BENCH_BURST_CORES=split
+        if self.webhook_web is not None:  # BENCH_BURST_CORES=weighted or split
             groups["webhook_web"] = self.webhook_web.pids
         return CpuMeter(groups)
 
