@@ -117,6 +117,8 @@ class Config:
     #: Where the burst's work runs, one run each: "weighted", "shared" or "split" (see
     #: ``Bench.arrange_burst``); the first is the targets'.
     burst_cores: tuple[str, ...]
+    #: The weighted burst's CPU weight: None for ``cpu.idle``, else docker's cpu_shares.
+    burst_shares: int | None
     baseline_threads: int
     hotspot_connections: int
     warmup_seconds: float
@@ -174,6 +176,7 @@ class Config:
                 if r.strip()
             ) or (100.0,),
             burst_cores=_burst_cores(os.environ.get("BENCH_BURST_CORES", "weighted,shared")),
+            burst_shares=_burst_shares(os.environ.get("BENCH_BURST_WEIGHT", "idle")),
             baseline_threads=_env_int("BENCH_BASELINE_THREADS", 8),
             hotspot_connections=_env_int("BENCH_HOTSPOT_CONNECTIONS", 8),
             warmup_seconds=_env_float("BENCH_WARMUP_SECONDS", 2.0),
@@ -243,6 +246,15 @@ def _burst_cores(text: str) -> tuple[str, ...]:
     if "split" in arrangements and len(os.sched_getaffinity(0)) < 2:
         raise BenchError("BENCH_BURST_CORES=split needs two cores")
     return arrangements
+
+
+def _burst_shares(text: str) -> int | None:
+    text = text.strip()
+    if text == "idle":
+        return None
+    if not text.isdigit() or not 2 <= int(text) <= 262144:
+        raise BenchError(f"BENCH_BURST_WEIGHT must be idle or cpu shares (2-262144), not {text!r}")
+    return int(text)
 
 
 def _shape(text: str) -> tuple[int, int | None]:
@@ -1014,8 +1026,8 @@ class Bench:
           the Procfile's ``web`` line takes the webhooks; it and the worker (and the
           burst's load generator, Stripe's stand-in) run in a cgroup with ``cpu.idle``
           set, so they have every core initiation's side leaves idle and yield them the
-          moment it wants one. Postgres and Redis, which both sides use, keep their
-          priority;
+          moment it wants one (or with BENCH_BURST_WEIGHT's cpu shares). Postgres and
+          Redis, which both sides use, keep their priority;
         - "split": that second server, the worker, the emulator and the burst's load
           generator on the second core, the API's server on the first; Postgres, Redis
           and initiation's load generator where the kernel puts them."""
@@ -1026,10 +1038,11 @@ class Bench:
         assert self.web is not None and self.webhook_web is not None and self.emulator is not None
         burst_side = self.webhook_web.pids() + [p for w in self.workers for p in w.pids()]
         if cores == "weighted":
-            self.burst_group = CpuGroup(f"refunds-bench-burst-{os.getpid()}")
+            shares = self.config.burst_shares
+            self.burst_group = CpuGroup(f"refunds-bench-burst-{os.getpid()}", shares)
             self.burst_group.add(burst_side)
-            log("burst weighted: the webhook server and the worker on what initiation"
-                " leaves idle")
+            log("burst weighted: the webhook server and the worker at "
+                + ("idle priority" if shares is None else f"cpu shares {shares} of 1024"))
         else:
             api, burst = self.burst_cpus
             pin(self.web.pids(), {api})
@@ -1117,6 +1130,7 @@ class Bench:
             "initiation_rate_per_s": rate or "as fast as 8 connections go",
             "emulator_latency_ms": c.webhook_stripe_latency_ms,
             "cores": self.burst_cores,
+            **({"weight": c.burst_shares or "idle"} if self.burst_cores == "weighted" else {}),
             "rounds": c.burst_rounds,
             "webhooks": webhooks,
             "initiation_alone": alone,

@@ -124,18 +124,26 @@ def pin(pids: Iterable[int], cpus: set[int]) -> None:
 
 
 class CpuGroup:
-    """A cgroup of the kernel's ``cpu`` controller (v1 or v2) for one run: processes in
-    it get the cores only when no process outside it wants them (``cpu.idle``, the
-    kernel's SCHED_IDLE for a group), as a deployment with a small CPU request does
-    beside one with a large one. Needs write access to the cgroup hierarchy (root)."""
+    """A cgroup of the kernel's ``cpu`` controller (v1 or v2) for one run, at a low CPU
+    weight: ``shares`` None sets ``cpu.idle`` (the kernel's SCHED_IDLE for a group, what
+    systemd's ``CPUWeight=idle`` sets): its processes get the cores only when no process
+    outside it wants one; a number is docker's ``cpu_shares`` (out of 1,024, what
+    docker-compose.yml gives Stripe's webhooks and the worker). Needs write access to the
+    cgroup hierarchy (root)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, shares: int | None = None) -> None:
         v1 = Path("/sys/fs/cgroup/cpu")
         self.parent = v1 if (v1 / "cpu.shares").exists() else Path("/sys/fs/cgroup")
         self.path = self.parent / name
         try:
             self.path.mkdir(exist_ok=True)
-            (self.path / "cpu.idle").write_text("1")
+            if shares is None:
+                (self.path / "cpu.idle").write_text("1")
+            elif self.parent == v1:
+                (self.path / "cpu.shares").write_text(str(shares))
+            else:  # cgroup v2's weight, from shares as the container runtimes map it
+                weight = 1 + (shares - 2) * 9999 // 262142
+                (self.path / "cpu.weight").write_text(str(weight))
         except OSError as exc:
             raise BenchError(f"cannot make the cpu cgroup {self.path} ({exc}): the weighted"
                              " burst needs root; BENCH_BURST_CORES=shared does not") from exc
