@@ -136,6 +136,7 @@ def test_bench_prints_every_figure_and_no_request_fails(tmp_path: Path) -> None:
             assert burst[run]["cpu_cores"]["web"] > 0
     assert printed["webhook_burst"]["initiation_rate_per_s"] == 100
     assert printed["webhook_burst"]["cores"] == "weighted"
+    assert printed["webhook_burst"]["weight"] == "idle"  # BENCH_BURST_WEIGHT's default
     assert "webhook_burst_saturated_shared" not in printed
     shared = printed["webhook_burst_shared"]
     assert shared["cores"] == "shared"  # one server took both
@@ -150,14 +151,18 @@ def _bench_cgroups() -> list[Path]:
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the split needs two cores")
-@pytest.mark.parametrize("cores", ["split", "weighted"])
-def test_the_burst_arranged_apart_goes_to_a_server_of_its_own(tmp_path: Path, cores: str) -> None:
+@pytest.mark.parametrize(("cores", "weight"), [("split", None), ("weighted", "64")])
+def test_the_burst_arranged_apart_goes_to_a_server_of_its_own(
+    tmp_path: Path, cores: str, weight: str | None,
+) -> None:
     # Events for 3 s at 200/s: the burst is still on while the CPU is metered.
+    settings = {"BENCH_BURST_WEIGHT": weight} if weight else {}
     printed = run_bench(tmp_path, BENCH_PHASES="drain,webhook_burst", BENCH_WEBHOOK_EVENTS="600",
                         BENCH_BURST_CORES=cores, BENCH_BURST_REFUND_RATE="100",
-                        BENCH_BURST_ROUNDS="1")
+                        BENCH_BURST_ROUNDS="1", **settings)
     burst = printed["webhook_burst"]
     assert burst["cores"] == cores
+    assert burst.get("weight") == (int(weight) if weight else None)
     assert burst["webhooks"]["ok"] == 600 and burst["webhooks"]["errors"] == 0
     assert burst["initiation_during_burst"]["errors"] == 0
     during = burst["initiation_during_burst"]["cpu_cores"]
