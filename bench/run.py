@@ -375,10 +375,14 @@ class Bench:
     def db_now(self) -> Any:
         return self.sql("SELECT now()")[0][0]
 
+    def worker_pids(self) -> list[int]:
+        """Every process of the running workers."""
+        return [p for w in self.workers for p in w.pids()]
+
     def meter(self) -> CpuMeter:
         groups = {
             "web": lambda: self.web.pids() if self.web else [],
-            "worker": lambda: [p for w in self.workers for p in w.pids()],
+            "worker": self.worker_pids,
             "postgres": lambda: postgres_backends(self.db.name),
             "redis": lambda: self.redis.pids() if self.redis else [],
             "emulator": lambda: self.emulator.pids() if self.emulator else [],
@@ -780,7 +784,7 @@ class Bench:
         return int(rows[0][0])
 
     def worker_rss_kb(self) -> int:
-        return sum(memory_kb(p)["rss"] for w in self.workers for p in w.pids())
+        return sum(memory_kb(p)["rss"] for p in self.worker_pids())
 
     def drain(self, name: str, expected: int, *, timeout: float, since: Any = None
               ) -> dict[str, Any]:
@@ -1036,7 +1040,7 @@ class Bench:
             return
         self.start_webhook_web()
         assert self.web is not None and self.webhook_web is not None and self.emulator is not None
-        burst_side = self.webhook_web.pids() + [p for w in self.workers for p in w.pids()]
+        burst_side = self.webhook_web.pids() + self.worker_pids()
         if cores == "weighted":
             shares = self.config.burst_shares
             self.burst_group = CpuGroup(f"refunds-bench-burst-{os.getpid()}", shares)
@@ -1062,7 +1066,7 @@ class Bench:
             everywhere = os.sched_getaffinity(0)
             pin(self.web.pids() if self.web else [], everywhere)
             pin(self.emulator.pids() if self.emulator else [], everywhere)
-            pin([p for w in self.workers for p in w.pids()], everywhere)
+            pin(self.worker_pids(), everywhere)
         self.burst_cores = "shared"
 
     def start_webhook_web(self) -> None:
@@ -1087,10 +1091,10 @@ class Bench:
         c = self.config
         # Unmeasured, both: initiation, and a second of the burst, so that neither side's
         # start-up (a server's first requests, its pool's first connections) is in a figure.
-        warm_events = self.write_lines(f"{name}-warm-events.txt",
-                                       _refund_events(made, int(c.webhook_rate) or 100))
-        self.loadgen(alone_file, c.webhook_connections, requests=int(c.webhook_rate) or 100,
-                     rate=c.webhook_rate, webhook_events=warm_events)
+        warm = int(c.webhook_rate) or 100
+        warm_events = self.write_lines(f"{name}-warm-events.txt", _refund_events(made, warm))
+        self.loadgen(alone_file, c.webhook_connections, requests=warm, rate=c.webhook_rate,
+                     webhook_events=warm_events)
         self.loadgen(alone_file, c.burst_refund_connections, duration=c.warmup_seconds + 1,
                      rate=rate)
         alones, durings, bursts = [], [], []

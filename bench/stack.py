@@ -150,7 +150,7 @@ class CpuGroup:
 
     def add(self, pids: Iterable[int]) -> None:
         for pid in pids:
-            with contextlib.suppress(ProcessLookupError, OSError):
+            with contextlib.suppress(OSError):  # gone, or not movable
                 (self.path / "cgroup.procs").write_text(str(pid))
 
     def members(self) -> set[int]:
@@ -159,7 +159,7 @@ class CpuGroup:
     def remove(self) -> None:
         """Every process back in the parent group, and the group gone."""
         for pid in self.members():
-            with contextlib.suppress(ProcessLookupError, OSError):
+            with contextlib.suppress(OSError):  # gone, or not movable
                 (self.parent / "cgroup.procs").write_text(str(pid))
         with contextlib.suppress(OSError):
             self.path.rmdir()
